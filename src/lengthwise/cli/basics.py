@@ -1,0 +1,83 @@
+"""`lengthwise methods`, `lengthwise models`, `lengthwise ppl`, `lengthwise demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lengthwise.cli.app import METHODS_HELP, app, check_methods, parse_int_list
+
+console = Console()
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered methods (the same registry the API and docs read)."""
+    from lengthwise.registry import get_method, method_names  # noqa: PLC0415
+
+    table = Table("method", "role", "paper", "what it does")
+    for name in method_names():
+        spec = get_method(name)
+        table.add_row(name, spec.role, spec.paper, spec.summary)
+    console.print(table)
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the bundled reference models."""
+    from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
+
+    for name in bundled_models():
+        console.print(f"{name}  ({REFERENCE_MODELS_DIR / name})")
+
+
+@app.command("ppl")
+def ppl_command(
+    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    data: str = typer.Option("stdlib", help="stdlib | stdlib-train | pg19-dev | pg19-train | hf:NAME[:SPLIT] | PATH"),
+    lengths: str = typer.Option("256,512,1024,2048", help="comma-separated token lengths"),
+    method: list[str] = typer.Option(["vanilla", "sliding-window"], "--method", "-m", help=METHODS_HELP),
+    max_docs: int = typer.Option(8, min=1, help="documents per length (the longest enough ones, in corpus order)"),
+    chunk_size: int = typer.Option(0, min=0, help="feed documents chunk by chunk through the method's cache (0: one pass)"),
+    out: Path = typer.Option(Path("results/ppl.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
+    plot: Path = typer.Option(None, help="PNG of NLL by position (default: next to --out)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Perplexity by length for one or more methods: table, JSON lines, NLL-by-position plot."""
+    from lengthwise.api import load_model  # noqa: PLC0415
+    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
+    from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
+    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
+    from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
+    from lengthwise.report.tables import ppl_table  # noqa: PLC0415
+
+    length_list = parse_int_list(lengths)
+    check_methods(method)
+    documents = load_corpus(data)
+    lm, tokenizer = load_model(model)
+    records = perplexity(lm, tokenizer, documents, length_list, method, max_docs=max_docs,
+                         chunk_size=chunk_size or None, results=ResultsFile(out), model_name=model,
+                         data_name=data, progress=not quiet)
+    console.print(ppl_table(records, markdown=False))
+    skipped = {r["length"]: r["metrics"]["skipped"] for r in records}
+    if any(skipped.values()):
+        console.print(f"documents shorter than the length, skipped: {skipped}")
+    plot = plot or out.with_suffix(".png")
+    plot_nll_by_position(records, plot, title=f"{model} on {data}")
+    console.print(f"results: {out}\nplot: {plot}")
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("results/demo"), help="folder for the results and the plot"),
+) -> None:
+    """The main job on the embedded default: the reference RoPE model on held-out stdlib files, 256..4096 tokens,
+    vanilla vs the sliding-window baseline vs lm-infinite (when registered)."""
+    from lengthwise.registry import method_names  # noqa: PLC0415
+
+    methods = ["vanilla", "sliding-window"] + [m for m in ("lm-infinite",) if m in method_names()]
+    ppl_command(model="llama-rope-256", data="stdlib", lengths="256,512,1024,2048,4096", method=methods, max_docs=4,
+                chunk_size=0, out=out / "ppl.jsonl", plot=out / "ppl.png", quiet=False)

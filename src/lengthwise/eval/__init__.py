@@ -1,0 +1,1 @@
+"""Evaluations: perplexity by length, passkey, generation quality, speed; one results schema."""

@@ -1,0 +1,177 @@
+"""Perplexity by length (DESIGN.md protocol).
+
+One forward pass per document truncated to N tokens, per-position NLL kept; PPL = exp(mean NLL) over all scored
+tokens; NLL by position bucket. The `sliding-window` baseline scores each token by recomputing the model over the
+previous `window` tokens (strided: `stride` tokens scored per window). With `chunk_size`, a document is fed chunk
+by chunk through the patched model's own KV cache (for lengths beyond memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lengthwise.api import patch
+from lengthwise.data.corpus import Document, documents_of_length
+from lengthwise.eval.results import ResultsFile, cell_key, make_record
+from lengthwise.models.families import model_info
+from lengthwise.progress import progress_bar
+from lengthwise.registry import get_method, parse_method_spec
+
+NUM_BUCKETS = 32
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # logits: (T, V), targets: (T,) -> (T,) float32
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@torch.no_grad()
+def nll_one_pass(model, ids: torch.Tensor, chunk_size: int | None = None, cache=None) -> torch.Tensor:
+    """NLL of tokens 1..N-1 of `ids` (shape (N,)), one causal pass; chunked through `cache` when asked."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    if not chunk_size or chunk_size >= len(ids):
+        logits = model(input_ids=ids[None], use_cache=False).logits[0]  # (N, V)
+        return _token_nll(logits[:-1], ids[1:]).cpu()
+    if cache is None:
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        cache = DynamicCache(config=model.config)
+    pieces = []
+    for start in range(0, len(ids), chunk_size):
+        chunk = ids[start : start + chunk_size]
+        logits = model(input_ids=chunk[None], past_key_values=cache, use_cache=True).logits[0]  # (C, V)
+        targets = ids[start + 1 : start + 1 + len(chunk)]
+        pieces.append(_token_nll(logits[: len(targets)], targets).cpu())
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def nll_sliding_window(model, ids: torch.Tensor, window: int, stride: int, batch_size: int = 8) -> torch.Tensor:
+    """NLL of tokens 1..N-1, each predicted from at least `window - stride` and at most `window - 1` earlier tokens.
+
+    The first window scores its own positions (less context is all there is); each later window of `window`
+    tokens ends `stride` tokens after the previous one and scores only the targets it adds.
+    """
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    n = len(ids)
+    first = min(window, n)
+    out = [_token_nll(model(input_ids=ids[None, :first], use_cache=False).logits[0, :-1], ids[1:first]).cpu()]
+    ends = [min(e, n) for e in range(first + stride, n + stride, stride)]  # every end > first >= window
+    for i in range(0, len(ends), batch_size):
+        group = ends[i : i + batch_size]
+        rows = torch.stack([ids[end - window : end] for end in group])  # (B, window)
+        logits = model(input_ids=rows, use_cache=False).logits  # (B, window, V)
+        for row, end in enumerate(group):
+            scored = end - (group[row - 1] if row else (ends[i - 1] if i else first))
+            out.append(_token_nll(logits[row, window - scored - 1 : window - 1], ids[end - scored : end]).cpu())
+    nll = torch.cat(out)
+    assert len(nll) == n - 1, (len(nll), n)
+    return nll
+
+
+def bucketize(nll_sum: torch.Tensor, count: int, num_buckets: int = NUM_BUCKETS) -> dict:
+    """Mean NLL over `num_buckets` equal position ranges (target positions 1..N-1)."""
+    mean = nll_sum / count
+    edges = torch.linspace(0, len(mean), num_buckets + 1).round().long().tolist()
+    values = [mean[a:b].mean().item() for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return {"edges": [e + 1 for e in edges], "mean_nll": [round(v, 5) for v in values]}
+
+
+@dataclass
+class PerplexityCell:
+    method: str
+    length: int
+    ppl: float
+    nll: float
+    tokens: int
+    docs: int
+    skipped: int
+    buckets: dict
+
+
+def perplexity(
+    model,
+    tokenizer,
+    documents: Sequence[Document],
+    lengths: Sequence[int],
+    methods: Sequence[str] = ("vanilla",),
+    *,
+    max_docs: int = 8,
+    chunk_size: int | None = None,
+    results: ResultsFile | None = None,
+    model_name: str = "model",
+    data_name: str = "data",
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """PPL for every (method, length) cell; returns (and appends to `results`) one record per cell.
+
+    `methods` are spec strings (`"vanilla"`, `"sliding-window:stride=16"`, `"yarn:factor=4+lm-infinite"`).
+    Cells already in `results` are skipped and their stored records returned.
+    """
+    results = results or ResultsFile(None)
+    info = model_info(model)
+    records = []
+    tokenized = {n: documents_of_length(documents, tokenizer, n, max_docs) for n in lengths}
+    for n, tok in tokenized.items():
+        if not tok.docs:
+            raise ValueError(
+                f"no document of {data_name!r} has {n} tokens ({tok.skipped} shorter ones skipped); "
+                "use shorter lengths or longer documents"
+            )
+    cells = [(m, n) for m in methods for n in lengths]
+    with progress_bar(progress) as bar:
+        task = bar.add_task("perplexity", total=sum(len(tokenized[n].docs) for _, n in cells))
+        for method, n in cells:
+            key = cell_key("ppl", model=model_name, method=method, data=data_name, length=n, docs=max_docs,
+                           chunk=chunk_size or 0, seed=seed)
+            done = results.done(key)
+            if done:
+                records.append(done)
+                bar.advance(task, len(tokenized[n].docs))
+                continue
+            bar.update(task, description=f"ppl {method} @ {n}")
+            nll_sum, count, total, tokens, handle = torch.zeros(n - 1), 0, 0.0, 0, None
+            parts = parse_method_spec(method)
+            scoring = get_method(parts[0][0]).role == "scoring"
+            try:
+                if scoring:
+                    sw = get_method(parts[0][0]).make_config(**parts[0][1])
+                    window = sw.window or info.pretrain_length
+                    stride = sw.stride or max(1, window // 8)
+                    method_config = [{"method": parts[0][0], **asdict(sw), "window": window, "stride": stride}]
+                else:
+                    handle = patch(model, method)
+                    method_config = handle.describe()
+                for _, ids in tokenized[n].docs:
+                    ids = torch.tensor(ids)
+                    if scoring:
+                        nll = nll_sliding_window(model, ids, window, stride)
+                    else:
+                        cache = handle.new_cache() if chunk_size else None
+                        nll = nll_one_pass(model, ids, chunk_size, cache)
+                    nll_sum += nll
+                    count += 1
+                    total += nll.sum().item()
+                    tokens += len(nll)
+                    bar.advance(task)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            mean = total / tokens
+            metrics = {"ppl": round(math.exp(mean), 4), "nll": round(mean, 5), "tokens": tokens, "docs": count,
+                       "skipped": tokenized[n].skipped}
+            record = make_record("ppl", key, model=model_name, method=method, method_config=method_config,
+                                 data=data_name, seed=seed, metrics=metrics, length=n,
+                                 pretrain_length=info.pretrain_length, chunk_size=chunk_size,
+                                 nll_by_position=bucketize(nll_sum, count))
+            results.append(record)
+            records.append(record)
+    return records

@@ -1,0 +1,48 @@
+"""Reference entries: the unpatched model and the sliding-window scoring baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lengthwise.patching import Undo
+from lengthwise.registry import register
+
+
+@dataclass(frozen=True)
+class VanillaConfig:
+    pass
+
+
+@register(
+    "vanilla",
+    VanillaConfig,
+    role="none",
+    summary="The unpatched model: full causal attention at every length (fails past the training length).",
+)
+def apply_vanilla(model, config: VanillaConfig) -> Undo:
+    return Undo()
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    window: int | None = None  # tokens of context per scored token; default: the training length
+    stride: int | None = None  # tokens scored per window; default window // 8
+
+    def __post_init__(self) -> None:
+        for name in ("window", "stride"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"sliding-window {name} must be a positive integer, got {value!r}")
+        if self.window and self.stride and self.stride > self.window:
+            raise ValueError(f"sliding-window stride ({self.stride}) must not exceed window ({self.window})")
+
+
+@register(
+    "sliding-window",
+    SlidingWindowConfig,
+    role="scoring",
+    summary="Baseline: every token is scored (or generated) by recomputing the model over the previous "
+    "`window` tokens, so the model never leaves its training length. The fluency reference.",
+)
+def apply_sliding_window(model, config: SlidingWindowConfig) -> Undo:
+    return Undo()  # a scoring strategy: evaluation code reads the config, the model stays as it is

@@ -1,0 +1,1 @@
+"""Per-family facts and adapters."""

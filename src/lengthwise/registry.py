@@ -1,0 +1,148 @@
+"""The one registry of methods. The Python API, the CLI and the docs all read it.
+
+A method is a typed config dataclass plus `apply(model, config) -> Undo`. Register one with `@register(...)`:
+
+    @register("yarn", YarnConfig, role="rope", summary="...", paper="arXiv 2309.00071")
+    def apply_yarn(model, config: YarnConfig) -> Undo: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# What part of the model a method changes. Two methods with the same role cannot be stacked.
+ROLES = {
+    "none": "changes nothing (reference)",
+    "scoring": "an evaluation strategy, not a patch (the model itself is unchanged)",
+    "rope": "rescales the rotary frequencies",
+    "attention": "replaces the attention pattern and the KV cache",
+    "query-scale": "scales the queries by position",
+    "adapter": "trains weights at inference time",
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type
+    apply: Callable[[Any, Any], Any]
+    role: str
+    summary: str
+    paper: str = ""
+    encodings: tuple[str, ...] = ("rope", "alibi")  # position encodings the method works on
+    composable_with: tuple[str, ...] = field(default=())  # roles it may be stacked with; empty: any other role
+
+    def make_config(self, **kwargs: Any) -> Any:
+        names = [f.name for f in dataclasses.fields(self.config_cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
+                f"{', '.join(names) or '(none)'}"
+            )
+        return self.config_cls(**kwargs)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, config_cls: type, *, role: str, summary: str, paper: str = "", **extra: Any):
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; accepted: {', '.join(ROLES)}")
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"config of {name!r} must be a dataclass")
+
+    def decorator(apply: Callable[[Any, Any], Any]):
+        if name in _REGISTRY and _REGISTRY[name].apply is not apply:
+            raise ValueError(f"method {name!r} is already registered")
+        _REGISTRY[name] = MethodSpec(name, config_cls, apply, role, summary, paper, **extra)
+        return apply
+
+    return decorator
+
+
+def _load_builtin_methods() -> None:
+    import lengthwise.methods  # noqa: F401, PLC0415 - registers every built-in method
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parse `name[:key=value,...][+name...]`, e.g. `yarn:factor=4+lm-infinite:n_local=128`.
+
+    Values are JSON where they parse (numbers, true/false, lists `[1,2]`), else strings (e.g. a file path).
+    """
+    parts = []
+    for piece in spec.split("+"):
+        piece = piece.strip()
+        if not piece:
+            raise ValueError(f"empty method in spec {spec!r}")
+        name, _, options = piece.partition(":")
+        kwargs: dict[str, Any] = {}
+        if options:
+            for item in _split_options(options):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise ValueError(f"option {item!r} in {piece!r} is not key=value")
+                kwargs[key.strip().replace("-", "_")] = _parse_value(value.strip())
+        get_method(name)  # validates the name
+        parts.append((name, kwargs))
+    return parts
+
+
+def _split_options(options: str) -> list[str]:
+    """Split on commas outside brackets, so `factors=[1,2,3]` stays whole."""
+    items, depth, current = [], 0, ""
+    for char in options:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item for item in items if item.strip()]
+
+
+def check_combination(names: list[str]) -> None:
+    """At most one method per role; a method restricting its partners (`composable_with`) is honoured."""
+    specs = [get_method(n) for n in names]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.role in ("none", "scoring") and len(specs) > 1:
+            raise ValueError(f"{spec.name!r} cannot be combined with other methods ({', '.join(names)})")
+        if spec.role in seen:
+            raise ValueError(
+                f"{seen[spec.role]!r} and {spec.name!r} both {ROLES[spec.role]}; combine at most one of each role"
+            )
+        seen[spec.role] = spec.name
+    for spec in specs:
+        if spec.composable_with:
+            for other in specs:
+                if other is not spec and other.role not in spec.composable_with:
+                    raise ValueError(
+                        f"{spec.name!r} can be combined only with methods that "
+                        f"{' or '.join(ROLES[r] for r in spec.composable_with)}; not with {other.name!r}"
+                    )

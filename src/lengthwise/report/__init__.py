@@ -1,0 +1,1 @@
+"""Tables (Markdown / terminal) and plots (PNG) from results records."""

@@ -1,0 +1,55 @@
+"""PNG plots from results records (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a figure atomically (temporary file, then rename)."""
+    import os  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    _pyplot().close(fig)
+
+
+def plot_nll_by_position(records: list[dict], path: str | Path, title: str = "") -> None:
+    """NLL by position at the longest length of each (model, data, method); a dashed line at the training length."""
+    plt = _pyplot()
+    longest: dict = {}
+    for record in records:
+        if record.get("task") != "ppl":
+            continue
+        key = (record["model"], record["data"], record["method"])
+        if key not in longest or record["length"] > longest[key]["length"]:
+            longest[key] = record
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    pretrain = None
+    for (model, data, method), record in longest.items():
+        buckets = record["nll_by_position"]
+        edges, values = buckets["edges"], buckets["mean_nll"]
+        centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])][: len(values)]
+        ax.plot(centres, values, marker=".", label=method)
+        pretrain = record.get("pretrain_length", pretrain)
+    if pretrain:
+        ax.axvline(pretrain, color="grey", linestyle="--", linewidth=1, label=f"training length {pretrain}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("mean NLL (nats/token)")
+    ax.set_title(title or "NLL by position")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)

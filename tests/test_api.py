@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from lengthwise import api
+from lengthwise.registry import get_method, method_names
+from lengthwise.testing import ALIBI_FAMILIES, ROPE_FAMILIES, random_ids, tiny_model
+
+
+def test_load_model_unknown_name_lists_bundled(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bundled models"):
+        api.load_model(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        api.load_model(str(tmp_path / "empty"))
+
+
+def test_load_model_local_folder(tmp_path):
+    from lengthwise.testing import tiny_tokenizer
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, tok = api.load_model(str(tmp_path))
+    ids = random_ids(10)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert tok("ab")["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["llama-rope-256", "bloom-alibi-256"])
+def test_bundled_reference_models_load(name):
+    assert name in api.bundled_models()
+    model, tok = api.load_model(name)
+    assert model.dtype == torch.float32
+    assert model.config.max_position_embeddings == 256
+    assert model(torch.tensor([tok("def f(x):")["input_ids"]])).logits.isfinite().all()
+
+
+def test_patch_twice_is_refused_and_remove_allows_again():
+    model = tiny_model("llama")
+    handle = api.patch(model, "vanilla")
+    with pytest.raises(RuntimeError, match="already patched"):
+        api.patch(model, "vanilla")
+    handle.remove()
+    api.patch(model, "vanilla").remove()
+
+
+def _families_for(name):
+    spec = get_method(name)
+    families = []
+    if "rope" in spec.encodings:
+        families += ["llama", "gpt_neox"]
+    if "alibi" in spec.encodings:
+        families += ["bloom"]
+    return families
+
+
+MATRIX = [(name, family) for name in method_names() for family in _families_for(name)]
+
+
+@pytest.mark.parametrize(("name", "family"), MATRIX)
+def test_patch_remove_restores_bit_identical_logits(name, family):
+    """Generic row of the method matrix: patch, run past the training length, remove, compare."""
+    model = tiny_model(family, length=32)
+    ids = random_ids(80)
+    before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = api.patch(model, name)
+    patched = model(ids).logits
+    assert patched.isfinite().all()
+    handle.remove()
+    assert torch.equal(model(ids).logits, before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if get_method(n).encodings == ("rope",)])
+@pytest.mark.parametrize("family", ALIBI_FAMILIES[:1])
+def test_rope_only_methods_refuse_alibi_models(name, family):
+    with pytest.raises(ValueError, match="rope"):
+        api.patch(tiny_model(family), name)
+
+
+def test_rope_families_are_known():
+    from lengthwise.models.families import model_info
+
+    for family in ROPE_FAMILIES:
+        assert model_info(tiny_model(family)).position_encoding == "rope"
+    for family in ALIBI_FAMILIES:
+        assert model_info(tiny_model(family)).position_encoding == "alibi"

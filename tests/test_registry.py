@@ -1,0 +1,52 @@
+import pytest
+from typer.testing import CliRunner
+
+from lengthwise.cli import app
+from lengthwise.registry import check_combination, get_method, method_names, parse_method_spec
+
+
+def test_unknown_method_lists_accepted():
+    with pytest.raises(ValueError, match="accepted: .*vanilla"):
+        get_method("no-such-method")
+
+
+def test_parse_spec_values_and_lists():
+    parts = parse_method_spec("sliding-window:window=128,stride=16+vanilla")
+    assert parts == [("sliding-window", {"window": 128, "stride": 16}), ("vanilla", {})]
+
+
+def test_parse_spec_rejects_bad_option():
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_method_spec("sliding-window:window")
+
+
+def test_unknown_option_lists_accepted():
+    with pytest.raises(ValueError, match="accepted: window, stride"):
+        get_method("sliding-window").make_config(windw=3)
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ValueError, match="stride"):
+        get_method("sliding-window").make_config(stride=0)
+
+
+def test_reference_methods_do_not_combine():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        check_combination(["vanilla", "sliding-window"])
+
+
+def test_cli_lists_every_registered_method():
+    runner = CliRunner()
+    listed = runner.invoke(app, ["methods"], terminal_width=200)
+    assert listed.exit_code == 0
+    help_text = runner.invoke(app, ["ppl", "--help"], terminal_width=400).output
+    flat = " ".join(help_text.replace("│", " ").split())
+    for name in method_names():
+        assert name in listed.output
+        assert name in flat
+
+
+def test_cli_rejects_unknown_method():
+    result = CliRunner().invoke(app, ["ppl", "--method", "bogus", "--lengths", "64"])
+    assert result.exit_code != 0
+    assert "unknown method 'bogus'" in result.output

@@ -1,0 +1,1 @@
+"""RoPE maths: pure functions (frequencies, rotations); no patching here."""

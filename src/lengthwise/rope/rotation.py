@@ -1,0 +1,86 @@
+"""Rotary position embedding as pure functions, and where each model family keeps its rotary settings.
+
+Two layouts exist in transformers: "half" (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX: dimension i pairs with
+i + rotary_dim/2) and "interleaved" (GPT-J: dimension 2i pairs with 2i+1). Only the first `rotary_dim` dimensions of
+a head rotate (partial rotary); the rest pass through.
+
+Rotating by an angle is a group action: rotate(rotate(x, a), b) == rotate(x, a + b). Methods use that to move an
+already-rotated query or key to another position (distance limit of LM-Infinite) or to re-rotate cached keys under
+new frequencies (dynamic NTK): rotate(x, new_angles - old_angles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class RotaryLayout:
+    rotary_module: nn.Module | None  # module holding `inv_freq` (None for GPT-J, which keeps a sin/cos table)
+    rotary_dim: int  # rotated dimensions per head
+    head_dim: int
+    style: str  # "half" | "interleaved"
+    base: float  # rope theta
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """Current inverse frequencies (rotary_dim/2,), as the model uses them now (a patched method's included)."""
+        if self.rotary_module is not None:
+            return self.rotary_module.inv_freq.float()
+        return default_inv_freq(self.rotary_dim, self.base)
+
+
+def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """theta_i = base^(-2i/d), i = 0..d/2-1; shape (d/2,)."""
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)).float()
+
+
+def rotation_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """positions (..., T) x inv_freq (d/2,) -> angles (..., T, d/2), in float32."""
+    return positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half") -> torch.Tensor:
+    """Rotate the first 2*angles.shape[-1] dims of x (..., T, head_dim) by `angles` (broadcastable to (..., T, d/2))."""
+    rotary_dim = 2 * angles.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    if style == "half":
+        first, second = x_rot[..., : rotary_dim // 2], x_rot[..., rotary_dim // 2 :]
+        rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    elif style == "interleaved":
+        even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+        rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    else:
+        raise ValueError(f"unknown rotary style {style!r}; accepted: 'half', 'interleaved'")
+    return torch.cat([rotated, x_pass], dim=-1) if x_pass.shape[-1] else rotated
+
+
+def find_rotary_module(model: nn.Module) -> nn.Module | None:
+    """The model's shared rotary-embedding module (the one with `inv_freq`), or None."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
+            return module
+    return None
+
+
+def rotary_layout(model: nn.Module) -> RotaryLayout:
+    config = model.config
+    if config.model_type == "gptj":
+        head_dim = config.n_embd // config.n_head
+        return RotaryLayout(None, config.rotary_dim or head_dim, head_dim, "interleaved", 10000.0)
+    module = find_rotary_module(model)
+    if module is None:
+        raise ValueError(f"model type {config.model_type!r} has no rotary embedding module (not a RoPE model?)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    return RotaryLayout(
+        rotary_module=module,
+        rotary_dim=2 * module.inv_freq.shape[-1],
+        head_dim=head_dim,
+        style="half",
+        base=float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+    )

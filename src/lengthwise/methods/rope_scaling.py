@@ -49,6 +49,11 @@ def _check_common(method: str, config: Any) -> None:
         )
 
 
+def _check_on_change(method: str, value: Any) -> None:
+    if value not in ("rebuild", "rerotate"):
+        raise ValueError(f"{method} on_change must be 'rebuild' or 'rerotate', got {value!r}")
+
+
 @dataclass(frozen=True)
 class LinearConfig:
     factor: float = 4.0  # s: positions are read as p / s
@@ -77,9 +82,12 @@ class DynamicNtkConfig:
     factor: float = 1.0
     n_hat: int = 0
     original_max_position_embeddings: int | None = None
+    # when the base changes with a filled KV cache: "rebuild" it (exact) or "rerotate" the cached keys (cheap)
+    on_change: str = "rebuild"
 
     def __post_init__(self) -> None:
         _check_factor("dynamic-ntk factor", self.factor)
+        _check_on_change("dynamic-ntk", self.on_change)
         _check_common("dynamic-ntk", self)
 
 
@@ -135,13 +143,13 @@ class LongRopeConfig:
     factor: float | None = None
     attention_factor: float | None = None
     source: str | None = field(default=None)  # the factors file, when given as a path (recorded for results)
+    on_change: str = "rebuild"  # at the short->long switch with a filled KV cache: "rebuild" | "rerotate"
 
     def __post_init__(self) -> None:
+        _check_on_change("longrope", self.on_change)
         source = next((v for v in (self.long_factors, self.short_factors) if isinstance(v, str)), None)
         long = resolve_factors(self.long_factors, "long", "longrope long_factors")
         short = resolve_factors(self.short_factors, "short", "longrope short_factors")
-        if short is None and isinstance(self.long_factors, str) and self.short_factors is None:
-            short = None  # a file without short factors: no switch
         if self.factor is not None:
             _check_factor("longrope factor", self.factor)
         if self.attention_factor is not None:
@@ -266,52 +274,52 @@ def require_standard_attention(model, method: str, why: str) -> None:
 
 @dataclass
 class _CacheRecord:
-    """Stored on a KV cache: the frequency regime its keys are rotated under and the positions of those keys."""
+    """Stored on a KV cache: the frequency regime its entries were computed under, and what it holds."""
 
     regime: Any
-    seq_len: int
-    positions: torch.Tensor  # (B, n) positions of the cached keys
+    seq_len: int  # the length whose frequencies the cached keys carry
+    positions: torch.Tensor  # (B, n) positions of the cached tokens
+    input_ids: torch.Tensor | None  # (B, n) their tokens (to rebuild the cache), None if fed as embeddings
 
 
-def _rerotate_layers(cache, plan: FrequencyPlan, record: _CacheRecord, seq_len: int) -> None:
-    """Re-rotate every cached key from the frequencies of `record.seq_len` to those of `seq_len`, in place."""
+def _full_dynamic_layers(cache) -> None:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: PLC0415
 
-    old, old_factor = plan.angles(record.positions, record.seq_len)  # (B, n, d/2)
-    new, new_factor = plan.angles(record.positions, seq_len)
-    # difference of the float32 angles actually used, taken in float64 so the round trip adds no error of its own
-    delta = (new.double() - old.double())[:, None]  # (B, 1, n, d/2)
     for index, layer in enumerate(cache.layers):
         if not isinstance(layer, DynamicLayer) or isinstance(layer, DynamicSlidingWindowLayer):
             raise ValueError(
-                f"frequencies changed during decoding, and cache layer {index} is a {type(layer).__name__}: cached "
-                f"keys can be re-rotated only in a full DynamicCache (keys at positions 0..n-1)"
+                f"frequencies changed during decoding, and cache layer {index} is a {type(layer).__name__}: the cache "
+                f"can be updated only when it is a full DynamicCache (keys at positions 0..n-1)"
             )
+
+
+def rerotate_cache(cache, plan: FrequencyPlan, positions: torch.Tensor, old_seq_len: int, seq_len: int) -> None:
+    """Re-rotate every cached key from the frequencies of `old_seq_len` to those of `seq_len`, in place.
+
+    positions (B, n) of the cached keys. Exact for the first layer; deeper layers' keys and values were computed
+    from hidden states that attended under the old frequencies, which no rotation can undo (see `rebuild`).
+    """
+    _full_dynamic_layers(cache)
+    old, old_factor = plan.angles(positions, old_seq_len)  # (B, n, d/2)
+    new, new_factor = plan.angles(positions, seq_len)
+    # difference of the float32 angles actually used, taken in float64 so the round trip adds no error of its own
+    delta = (new.double() - old.double())[:, None]  # (B, 1, n, d/2)
+    for layer in cache.layers:
         keys = getattr(layer, "keys", None)
         if keys is None or keys.numel() == 0:
             continue
         rotated = rotate(keys.double(), delta, "half")  # (B, H, n, head_dim)
         if new_factor != old_factor:
-            rotary_dim = 2 * delta.shape[-1]
-            rotated[..., :rotary_dim] *= new_factor / old_factor
+            rotated[..., : 2 * delta.shape[-1]] *= new_factor / old_factor
         layer.keys = rotated.to(keys.dtype)
 
 
-def _sync_cache(cache, plan: FrequencyPlan, seq_len: int, positions: torch.Tensor) -> None:
-    """Before a forward at `positions` (B, T): bring the cached keys to this forward's frequencies."""
-    cached = cache.get_seq_length()
-    record = getattr(cache, "_lengthwise_rope", None) if cached else None
-    if cached and (record is None or record.positions.shape[-1] != cached):
-        raise ValueError(
-            f"this KV cache holds {cached} keys that were not rotated under this patch (or not as a full cache); "
-            f"with frequencies that change with the length, start from an empty cache after patching"
-        )
-    if record is not None and record.regime != plan.regime(seq_len):
-        _rerotate_layers(cache, plan, record, seq_len)
-    if record is not None and record.positions.shape[0] != positions.shape[0]:
-        positions = positions.expand(record.positions.shape[0], -1)
-    positions = positions if record is None else torch.cat([record.positions, positions], dim=-1)
-    cache._lengthwise_rope = _CacheRecord(plan.regime(seq_len), seq_len, positions)
+def _call_positions(cache, kwargs: dict, length: int, batch: int, device) -> torch.Tensor:
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        start = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(start, start + length, device=device)[None]
+    return positions.expand(batch, -1) if positions.shape[0] != batch else positions
 
 
 def _parent_of(model, child) -> torch.nn.Module:
@@ -321,8 +329,14 @@ def _parent_of(model, child) -> torch.nn.Module:
     raise ValueError("rotary module not found in the model")
 
 
-def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout) -> Undo:
-    """Patch `plan` into the model's rotary module; see the module docstring."""
+def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on_change: str = "rebuild") -> Undo:
+    """Patch `plan` into the model's rotary module; see the module docstring.
+
+    on_change (length-dependent plans, when the frequencies change while a KV cache holds entries):
+    "rebuild" recomputes the cache from its tokens under the new frequencies (decoding equals recomputation from
+    scratch; costs a forward over the prefix at each change); "rerotate" only re-rotates the cached keys (cheap;
+    queries and keys agree on the frequencies, but deeper layers keep states computed under the old ones).
+    """
     undo = Undo()
     rotary = layout.rotary_module
     device = rotary.inv_freq.device
@@ -333,27 +347,68 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout) ->
         undo.setattr(rotary, "attention_scaling", factor)
         return undo
 
-    holder: dict[str, Any] = {"cache": None}  # the KV cache of the forward in progress
-
-    def capture(module, args, kwargs):
-        holder["cache"] = kwargs.get("past_key_values")
-
-    def release(module, args, kwargs, output):
-        holder["cache"] = None
-
+    state: dict[str, Any] = {"seq_len": None, "busy": False}  # seq_len: frequencies of the forward in progress
     parent = _parent_of(model, rotary)
-    for handle in (parent.register_forward_pre_hook(capture, with_kwargs=True),
-                   parent.register_forward_hook(release, with_kwargs=True)):
+
+    def before(module, args, kwargs):
+        """Parent (e.g. LlamaModel) pre-hook: fix this call's length, bring the cache to its frequencies."""
+        if state["busy"]:  # the rebuild's own forward
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, length = (ids.shape if ids is not None else embeds.shape[:2])
+        cache = kwargs.get("past_key_values")
+        positions = _call_positions(cache, kwargs, length, batch, (ids if ids is not None else embeds).device)
+        seq_len = int(positions.max()) + 1
+        state["seq_len"] = seq_len
+        if not plan.length_dependent or cache is None or not kwargs.get("use_cache", True):
+            return
+        cached = cache.get_seq_length()
+        record = getattr(cache, "_lengthwise_rope", None) if cached else None
+        if cached and (record is None or record.positions.shape[-1] != cached):
+            raise ValueError(
+                f"this KV cache holds {cached} entries that were not computed under this patch (or not as a full "
+                f"cache); with frequencies that change with the length, start from an empty cache after patching"
+            )
+        if record is not None and record.regime != plan.regime(seq_len):
+            if on_change == "rerotate":
+                rerotate_cache(cache, plan, record.positions, record.seq_len, seq_len)
+            else:
+                _rebuild(module, cache, record, kwargs, seq_len)
+        if record is None:
+            record = _CacheRecord(None, seq_len, positions[:, :0], None if ids is None else ids[:, :0])
+        cache._lengthwise_rope = _CacheRecord(
+            plan.regime(seq_len), seq_len, torch.cat([record.positions, positions], dim=-1),
+            None if ids is None or record.input_ids is None else torch.cat([record.input_ids, ids], dim=-1),
+        )
+
+    def _rebuild(module, cache, record: _CacheRecord, kwargs: dict, seq_len: int) -> None:
+        if record.input_ids is None:
+            raise ValueError(f"{method!r} must rebuild the KV cache when its frequencies change, which needs "
+                             f"input_ids (the cache was filled from inputs_embeds); use on_change='rerotate'")
+        _full_dynamic_layers(cache)
+        cache.crop(-record.positions.shape[-1])  # empty every layer
+        mask = kwargs.get("attention_mask")
+        mask = mask[:, : record.positions.shape[-1]] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        state["busy"] = True
+        try:  # recompute the prefix under this call's frequencies (state["seq_len"] is already set)
+            module(input_ids=record.input_ids, attention_mask=mask, position_ids=record.positions,
+                   past_key_values=cache, use_cache=True)
+        finally:
+            state["busy"] = False
+
+    def after(module, args, kwargs, output):
+        if not state["busy"]:
+            state["seq_len"] = None
+
+    for handle in (parent.register_forward_pre_hook(before, with_kwargs=True),
+                   parent.register_forward_hook(after, with_kwargs=True)):
         undo.add(handle.remove)
 
     def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
         # x: (B, T, hidden) only for dtype/device; position_ids (B, T) -> cos, sin (B, T, rotary_dim)
-        if plan.length_dependent or plan.n_hat:
-            require_standard_attention(model, method, "with per-position or length-dependent frequencies")
-        seq_len = int(position_ids.max()) + 1
-        cache = holder["cache"]
-        if plan.length_dependent and cache is not None:
-            _sync_cache(cache, plan, seq_len, position_ids)
+        require_standard_attention(model, method, "with per-position or length-dependent frequencies")
+        seq_len = state["seq_len"] or int(position_ids.max()) + 1
         angles, factor = plan.angles(position_ids, seq_len)
         emb = torch.cat((angles, angles), dim=-1)
         return (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)
@@ -369,7 +424,7 @@ def _apply(method: str):
         plan = make_plan(method, config, model_geometry(model, layout, config.original_max_position_embeddings))
         if not plan.static:
             require_standard_attention(model, method, "with per-position or length-dependent frequencies")
-        return apply_plan(model, plan, method, layout)
+        return apply_plan(model, plan, method, layout, getattr(config, "on_change", "rebuild"))
 
     apply.__name__ = f"apply_{method.replace('-', '_')}"
     return apply

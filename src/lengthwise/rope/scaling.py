@@ -130,7 +130,8 @@ def longrope_attention_factor(factor: float, pretrain_length: int) -> float:
 def longrope_inv_freq(base_inv_freq: torch.Tensor, factors) -> torch.Tensor:
     """theta'_i = theta_i / lambda_i. base_inv_freq (d/2,), factors: d/2 positive numbers -> (d/2,) float32.
 
-    Computed as 1 / (lambda_i * b^(2i/d)), the order transformers uses, so values match bit for bit.
+    Equal to transformers' longrope values up to float32 rounding (1e-7 relative); `longrope_geometry_inv_freq`
+    reproduces them bit for bit from (d, b).
     """
     lam = torch.as_tensor(factors, dtype=torch.float32)
     if lam.shape != base_inv_freq.shape:

@@ -44,6 +44,7 @@ class TrainConfig:
     threads: int = 2
     checkpoint_every: int = 100
     max_corpus_chars: int = 12_000_000  # per source, to bound tokenization time
+    init_from: str = ""  # continue from a saved reference model (its weights and tokenizer), e.g. a second phase
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -173,7 +174,7 @@ def train(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
     work = work or out.parent / f".{out.name}.work"
     work.mkdir(parents=True, exist_ok=True)
     code_docs, prose_docs = load_corpus("stdlib-train"), load_corpus("pg19-train")
-    tok_dir = work / "tokenizer"
+    tok_dir = Path(cfg.init_from) if cfg.init_from else work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
@@ -187,6 +188,13 @@ def train(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
     sampler = BatchSampler(tokenizer, code_pool, prose_pool, cfg)
 
     model = build_model(cfg)
+    previous_phases = []
+    if cfg.init_from:
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32).state_dict())
+        previous = json.loads((Path(cfg.init_from) / "training.json").read_text())
+        previous_phases = previous.get("phases", []) + [{"config": previous["config"], "metrics": previous["metrics"]}]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
@@ -233,21 +241,22 @@ def train(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
         "train_seconds": round(time.time() - t0, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    save_reference(model, tokenizer, cfg, metrics, out)
+    save_reference(model, tokenizer, cfg, metrics, out, previous_phases)
     return metrics
 
 
-def save_reference(model, tokenizer, cfg: TrainConfig, metrics: dict, out: Path) -> None:
+def save_reference(model, tokenizer, cfg: TrainConfig, metrics: dict, out: Path, previous_phases=()) -> None:
     """Save weights in float16 (half the size; loaded back as float32), tokenizer, metrics and a model card."""
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     model.to(torch.float32)
     tokenizer.save_pretrained(out)
-    atomic_write_json(out / "training.json", {"config": asdict(cfg), "metrics": metrics})
-    atomic_write_text(out / "README.md", model_card(cfg, metrics, out.name))
+    phases = list(previous_phases)
+    atomic_write_json(out / "training.json", {"config": asdict(cfg), "metrics": metrics, "phases": phases})
+    atomic_write_text(out / "README.md", model_card(cfg, metrics, out.name, phases))
 
 
-def model_card(cfg: TrainConfig, metrics: dict, name: str) -> str:
+def model_card(cfg: TrainConfig, metrics: dict, name: str, phases=()) -> str:
     pe = "RoPE (theta 10000)" if cfg.arch == "llama" else "ALiBi"
     return f"""# {name}
 
@@ -260,7 +269,7 @@ benchmarks of long-context methods. Not a useful language model: a measuring ins
 - Data: Python standard library (train split by file-name hash, `lengthwise.data.corpus`), PG19 train books
   (read from `../shared/data/pg19/train` at training time), and {cfg.passkey_fraction:.0%} synthetic passkey documents
   (`lengthwise.data.passkey`) so that retrieval can be measured
-- Steps: {cfg.steps} x batch {cfg.batch} x {cfg.context} tokens, AdamW lr {cfg.lr} (warm-up {cfg.warmup}, cosine to 10%), seed {cfg.seed}
+{_phase_lines(cfg, phases, metrics)}
 - Stored in float16; `lengthwise.load_model` loads it as float32
 
 | metric | value |
@@ -271,8 +280,31 @@ benchmarks of long-context methods. Not a useful language model: a measuring ins
 | passkey accuracy at {cfg.context} tokens (50 trials, depths 0..100%) | {metrics['passkey_accuracy_at_context']:.0%} |
 | training wall time | {metrics['train_seconds']:.0f} s on 2 CPU cores |
 
-Reproduce: `python -m lengthwise.training.reference --arch {cfg.arch} --steps {cfg.steps} --out {name}`
+Reproduce: {_reproduce(cfg, phases, name)}
 """
+
+
+def _phase_line(number: int, cfg: dict, metrics: dict) -> str:
+    return (f"- Phase {number}: {cfg['steps']} steps x batch {cfg['batch']} x {cfg['context']} tokens, "
+            f"{cfg['passkey_fraction']:.0%} passkey documents, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine to "
+            f"10%), seed {cfg['seed']}; after it: passkey {metrics['passkey_accuracy_at_context']:.0%}, "
+            f"held-out stdlib loss {metrics['heldout_loss_stdlib']}")
+
+
+def _phase_lines(cfg: TrainConfig, phases, metrics: dict) -> str:
+    every = [*phases, {"config": asdict(cfg), "metrics": metrics}]
+    return "\n".join(_phase_line(i + 1, p["config"], p["metrics"]) for i, p in enumerate(every))
+
+
+def _reproduce(cfg: TrainConfig, phases, name: str) -> str:
+    commands = []
+    for phase in [p["config"] for p in phases] + [asdict(cfg)]:
+        flags = f"--arch {phase['arch']} --steps {phase['steps']} --passkey-fraction {phase['passkey_fraction']} " \
+                f"--lr {phase['lr']} --warmup {phase['warmup']} --seed {phase['seed']}"
+        if phase.get("init_from"):
+            flags += f" --init-from {name}"
+        commands.append(f"`python -m lengthwise.training.reference {flags} --out {name}`")
+    return " then ".join(commands)
 
 
 def main(argv: list[str] | None = None) -> None:

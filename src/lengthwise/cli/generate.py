@@ -17,8 +17,17 @@ def generate_command(
     method: str = typer.Option("vanilla", "--method", "-m", help=METHODS_HELP),
     max_new_tokens: int = typer.Option(100, min=1),
     last_tokens: int = typer.Option(0, min=0, help="keep only the last N prompt tokens (0: all)"),
+    temp_lora: bool = typer.Option(False, "--temp-lora", help="read the prompt into a temporary LoRA chunk by chunk "
+                                   "and keep training it on every generated chunk (METHOD then handles the window)"),
+    temp_lora_chunk: int = typer.Option(64, min=1, help="Temp-LoRA: tokens between two LoRA updates"),
+    temp_lora_window: int = typer.Option(256, min=1, help="Temp-LoRA: tokens the model attends to"),
+    temp_lora_lr: float = typer.Option(2e-3, help="Temp-LoRA: learning rate"),
+    temp_lora_steps: int = typer.Option(1, min=1, help="Temp-LoRA: optimizer steps per chunk"),
+    temp_lora_rank: int = typer.Option(8, min=1, help="Temp-LoRA: LoRA rank (alpha = 2 * rank)"),
+    temp_lora_targets: str = typer.Option("all-linear", help="Temp-LoRA: 'all-linear' or module names (q_proj,v_proj)"),
+    temp_lora_save: Path = typer.Option(None, help="Temp-LoRA: save the adapter (peft format) to this folder"),
 ) -> None:
-    """Greedy generation after a prompt, with the model patched by METHOD."""
+    """Greedy generation after a prompt, with the model patched by METHOD (optionally with a Temp-LoRA)."""
     import torch  # noqa: PLC0415
 
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -27,11 +36,35 @@ def generate_command(
     if (prompt is None) == (prompt_file is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-file")
     check_methods([method])
+    if not temp_lora and temp_lora_save is not None:
+        raise typer.BadParameter("--temp-lora-save needs --temp-lora")
+    config = None
+    if temp_lora:
+        from lengthwise.cli.temp_lora import build_config, check_window_method  # noqa: PLC0415
+
+        config = build_config(temp_lora_chunk, temp_lora_window, None, temp_lora_rank, 2.0 * temp_lora_rank,
+                              temp_lora_targets, temp_lora_lr, temp_lora_steps, True)
+        window_method = check_window_method(method)
     text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8", errors="replace")
     lm, tokenizer = load_model(model)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise typer.BadParameter("the prompt is empty")
     ids = ids[-last_tokens:] if last_tokens else ids
+    if config is not None:
+        from lengthwise.temp_lora import TempLoraSession  # noqa: PLC0415
+        from lengthwise.temp_lora.adapter import check_targets  # noqa: PLC0415
+
+        try:
+            check_targets(lm, config.target_modules)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        with TempLoraSession(lm, config, method=window_method) as session:
+            session.process(torch.tensor(ids))
+            new = session.generate(max_new_tokens)
+            if temp_lora_save is not None:
+                typer.echo(f"adapter saved to {session.save_adapter(temp_lora_save)}", err=True)
+        typer.echo(tokenizer.decode(new.tolist()))
+        return
     new = generate(lm, torch.tensor([ids]), method, max_new_tokens)
     typer.echo(tokenizer.decode(new.tolist()))

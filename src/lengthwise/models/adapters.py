@@ -1,0 +1,116 @@
+"""Per-family attention forwards for models whose attention cannot be reached through `AttentionInterface`.
+
+Bloom and MPT add their ALiBi bias inside the attention module; GPT-J rotates with a fixed sin/cos table of
+`n_positions` rows (so it cannot even run past its training length). For these, the module's `forward` is replaced
+(reversibly, on the instance) by one that computes q, k, v exactly as the original does and calls
+`lengthwise.attention.hf.attend`. Outputs keep the original return shapes.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from lengthwise.attention.hf import attend
+from lengthwise.rope.rotation import rotate, rotation_angles
+
+
+def alibi_slopes(model) -> torch.Tensor:
+    """Per-head ALiBi slopes (H,), as the model uses them (bias = -slope * distance)."""
+    if model.config.model_type == "bloom":
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes  # noqa: PLC0415
+
+        return _get_alibi_slopes(model.config.n_head, torch.device("cpu")).float()
+    if model.config.model_type == "mpt":
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor  # noqa: PLC0415
+
+        bias_max = model.config.attn_config.alibi_bias_max
+        alibi = build_mpt_alibi_tensor(model.config.n_heads, 2, bias_max)  # (H, 1, 2): [-slope, 0]
+        return -alibi[:, 0, 0].float()
+    raise ValueError(f"no ALiBi slopes for model type {model.config.model_type!r}; accepted: bloom, mpt")
+
+
+def _positions(mask2d, past_seen: int, length: int, device) -> torch.Tensor:
+    """Positions (B or 1, T) of the new tokens: counted over real tokens when a padding mask covering every token
+    seen so far is given (a bounded cache keeps fewer keys than were seen, so a shorter mask says nothing)."""
+    if mask2d is not None and mask2d.ndim == 2 and mask2d.shape[1] == past_seen + length:
+        return (mask2d.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    return (torch.arange(length, device=device) + past_seen)[None]
+
+
+def _mask2d(mask):
+    return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+
+
+def bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                  output_attentions=False, **kwargs):
+    from transformers.models.bloom.modeling_bloom import dropout_add  # noqa: PLC0415
+
+    B, T, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 x (B, H, T, D)
+    past_seen = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    mask2d = _mask2d(attention_mask)
+    q_pos = _positions(mask2d, past_seen, T, hidden_states.device)
+    state = self.__dict__["_lengthwise_lambda"]
+    state.cache = layer_past
+    context = attend(state, self, query, key, value, mask2d, q_pos, self.inv_norm_factor)  # (B, H, T, D)
+    context = context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+    output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
+    return output, None
+
+
+def mpt_forward(self, hidden_states, position_bias=None, past_key_values=None, attention_mask=None, **kwargs):
+    B, T, _ = hidden_states.shape
+    qkv = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
+    past_seen = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    mask2d = _mask2d(attention_mask)
+    q_pos = _positions(mask2d, past_seen, T, hidden_states.device)
+    state = self.__dict__["_lengthwise_lambda"]
+    state.cache = past_key_values
+    context = attend(state, self, query, key, value, mask2d, q_pos, self.softmax_scale)
+    context = context.transpose(1, 2).reshape(B, T, -1)
+    return self.out_proj(context), None
+
+
+def gptj_forward(self, hidden_states, layer_past=None, attention_mask=None, position_ids=None, use_cache=False,
+                 output_attentions=False, **kwargs):
+    B, T, _ = hidden_states.shape
+    H, D = self.num_attention_heads, self.head_dim
+    query, key, value = (proj(hidden_states).view(B, T, H, D).transpose(1, 2)
+                         for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
+    state = self.__dict__["_lengthwise_lambda"]
+    past_seen = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
+    if position_ids is None:
+        position_ids = _positions(_mask2d(attention_mask), past_seen, T, hidden_states.device)
+    # Rotate from the formula (no table of n_positions rows): interleaved pairs, first rotary_dim dims.
+    encoding = state.encoding_fn()
+    angles = rotation_angles(position_ids, encoding.inv_freq)[:, None]  # (B, 1, T, rotary_dim/2)
+    query, key = rotate(query, angles, "interleaved"), rotate(key, angles, "interleaved")
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    state.cache = layer_past
+    context = attend(state, self, query.float(), key.float(), value.float(), _mask2d(attention_mask), position_ids,
+                     D**-0.5).to(value.dtype)
+    context = context.transpose(1, 2).reshape(B, T, H * D)
+    return self.resid_dropout(self.out_proj(context)), None
+
+
+FORWARDS = {"bloom": bloom_forward, "mpt": mpt_forward, "gptj": gptj_forward}
+
+
+def replace_attention_forward(model, undo) -> None:
+    """Swap in the family's Λ forward on every attention module (modules must already carry their state)."""
+    from lengthwise.attention.hf import attention_modules, shadow_method  # noqa: PLC0415
+
+    forward = FORWARDS[model.config.model_type]
+    for module in attention_modules(model):
+        shadow_method(module, "forward", types.MethodType(forward, module), undo)
+

@@ -1,0 +1,199 @@
+"""lm-infinite: Λ attention with distance limit, fast kernel vs eager reference, bounded-cache generation."""
+
+import pytest
+import torch
+
+from lengthwise import api
+from lengthwise.attention import AlibiEncoding, LambdaPattern, RopeEncoding, lambda_attention_blocked, \
+    lambda_attention_reference
+from lengthwise.attention.cache import LambdaCache
+from lengthwise.rope.rotation import default_inv_freq, rotate, rotation_angles
+from lengthwise.testing import TINY_FAMILIES, random_ids, tiny_model
+
+torch.set_num_threads(1)
+SMALL = dict(n_global=2, n_local=8, distance_limit=16)  # training length 32 below
+
+
+def _qkv(B=2, H=4, Hk=2, T=70, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g) for h in (H, Hk, Hk)]
+
+
+def _positions(B, T, pad):
+    """Left padding of `pad` tokens in row 1, positions as transformers' generate() makes them (pads at 1)."""
+    pos = torch.arange(T)[None].repeat(B, 1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if pad:
+        valid[1, :pad] = False
+        pos[1] = (pos[1] - pad).masked_fill(~valid[1], 1)
+    return pos, valid
+
+
+ENCODINGS = {
+    "rope-half": RopeEncoding(default_inv_freq(8, 10000.0), "half"),
+    "rope-interleaved": RopeEncoding(default_inv_freq(16, 10000.0), "interleaved"),
+    "alibi": AlibiEncoding(torch.tensor([0.5, 0.25, 0.125, 0.0625])),
+}
+PATTERNS = [LambdaPattern(3, 20, 32), LambdaPattern(0, 20, 20), LambdaPattern(3, 20, None),
+            LambdaPattern(4, 12, 15, "self"), LambdaPattern(3, 200, 300)]
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("pad", [0, 7])
+def test_blocked_kernel_matches_eager_reference(encoding, pattern, pad):
+    q, k, v = _qkv()
+    pos, valid = _positions(2, 70, pad)
+    for tq in (70, 9, 1):  # one pass, a chunk through a cache, one decoding step
+        args = (q[:, :, -tq:], k, v, pos[:, -tq:], pos, valid if pad else None, pattern, ENCODINGS[encoding], 0.3)
+        ref = lambda_attention_reference(*args)
+        fast = lambda_attention_blocked(*args, block=16)
+        real = valid[:, -tq:]  # outputs at pad queries are unused
+        torch.testing.assert_close(fast.transpose(1, 2)[real], ref.transpose(1, 2)[real], atol=2e-5, rtol=1e-4)
+
+
+def test_distance_limit_scores_equal_capped_positions():
+    """A global key beyond the limit scores exactly as if it sat at distance `limit` (built from raw vectors)."""
+    g = torch.Generator().manual_seed(1)
+    T, D, limit = 40, 8, 10
+    q_raw, k_raw, v = (torch.randn(1, 1, T, D, generator=g) for _ in range(3))
+    inv = default_inv_freq(D, 10000.0)
+    pos = torch.arange(T)[None]
+    rot = lambda x, p: rotate(x, rotation_angles(p, inv)[:, None])  # noqa: E731
+    q, k = rot(q_raw, pos), rot(k_raw, pos)
+    pattern = LambdaPattern(2, 5, limit)
+    out = lambda_attention_reference(q, k, v, pos, pos, None, pattern, RopeEncoding(inv, "half"), 1.0)
+    m = T - 1
+    keys = [n for n in range(T) if n < 2 or m - n < 5]
+    scores = torch.stack([
+        (rot(q_raw[:, :, m:m + 1], torch.tensor([[min(m - n, limit)]])) * k_raw[:, :, n:n + 1]).sum()
+        if n < 2 else (q[:, :, m] * k[:, :, n]).sum() for n in keys])
+    expected = torch.softmax(scores, 0) @ v[0, 0, keys]
+    torch.testing.assert_close(out[0, 0, m], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_window_covering_the_sequence_equals_unpatched_model(family):
+    model = tiny_model(family, length=32)
+    ids = random_ids(30, batch=2)
+    before = model(ids).logits
+    with api.patch(model, "lm-infinite", n_local=64, distance_limit=64):
+        torch.testing.assert_close(model(ids).logits, before, atol=2e-5, rtol=1e-4)
+    assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_model_fast_path_matches_eager_past_training_length(family):
+    model = tiny_model(family, length=32)
+    ids = random_ids(80)
+    with api.patch(model, "lm-infinite", impl="eager", **SMALL):
+        eager = model(ids).logits
+    with api.patch(model, "lm-infinite", block=16, **SMALL):
+        fast = model(ids).logits
+    torch.testing.assert_close(fast, eager, atol=2e-5, rtol=1e-4)
+
+
+def _recompute_greedy(model, ids, steps):
+    """Greedy decoding by recomputing the (patched) model over the whole sequence at every step, no cache."""
+    for _ in range(steps):
+        nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gptj", "bloom", "mpt"])
+@pytest.mark.parametrize("method", ["lm-infinite", "streaming"])
+def test_generate_with_bounded_cache_equals_recomputation(family, method):
+    model = tiny_model(family, length=32)
+    ids = random_ids(40)
+    options = SMALL if method == "lm-infinite" else dict(n_sink=2, window=8)
+    with api.patch(model, method, **options) as handle:
+        expected = _recompute_greedy(model, ids, 12)
+        cache = handle.new_cache()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, past_key_values=cache, pad_token_id=0)
+        assert torch.equal(out, expected)
+        assert cache.get_seq_length() == 40 + 11  # every token seen (the last one is never fed back)
+        assert cache.kept_tokens() <= 2 + 8 + 1  # globals + window (+ the token being decoded)
+        # a plain model.generate() on the patched model picks the bounded cache up by itself
+        plain = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(plain, expected)
+
+
+def test_decode_memory_is_constant_in_context_length():
+    model = tiny_model("llama", length=32)
+    with api.patch(model, "lm-infinite", **SMALL) as handle:
+        sizes = []
+        for n in (50, 200):
+            cache = handle.new_cache()
+            model(random_ids(n), past_key_values=cache, use_cache=True)
+            model(random_ids(1), past_key_values=cache, use_cache=True)
+            sizes.append(cache.layers[0].keys.shape)
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_chunked_prefill_equals_one_pass(family):
+    from lengthwise.eval.perplexity import nll_one_pass
+
+    model = tiny_model(family, length=32)
+    ids = random_ids(90)[0]
+    with api.patch(model, "lm-infinite", **SMALL) as handle:
+        whole = nll_one_pass(model, ids)
+        chunked = nll_one_pass(model, ids, chunk_size=13, cache=handle.new_cache())
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "bloom"])
+def test_left_padded_batch_matches_each_row_alone(family):
+    model = tiny_model(family, length=32)
+    long, short = random_ids(60, seed=1), random_ids(45, seed=2)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 15, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :15] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with api.patch(model, "lm-infinite", **SMALL):
+        batch = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        alone = model(short).logits
+        first = model(long).logits
+    torch.testing.assert_close(batch[1, 15:], alone[0], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(batch[0], first[0], atol=5e-5, rtol=1e-4)
+
+
+def test_patch_remove_restores_attention_implementation_and_generate():
+    model = tiny_model("llama", length=32)
+    before = (model.config._attn_implementation, "generate" in model.__dict__)
+    handle = api.patch(model, "lm-infinite")
+    assert model.config._attn_implementation == "lengthwise_lambda"
+    assert isinstance(handle.new_cache(), LambdaCache)
+    handle.remove()
+    assert (model.config._attn_implementation, "generate" in model.__dict__) == before
+
+
+def test_bad_options_and_models_are_refused_clearly():
+    with pytest.raises(ValueError, match="n_local .* must not exceed distance_limit"):
+        api.patch(tiny_model("llama", length=32), "lm-infinite", n_local=64)
+    with pytest.raises(ValueError, match="impl must be one of blocked, eager"):
+        api.patch(tiny_model("llama"), "lm-infinite", impl="flash")
+    with pytest.raises(ValueError, match="n_global must be a non-negative integer"):
+        api.patch(tiny_model("llama"), "lm-infinite", n_global=-1)
+    with pytest.raises(ValueError, match="not with 'streaming'|both replaces the attention"):
+        api.patch(tiny_model("llama"), "lm-infinite+streaming")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="Supported model types"):
+        api.patch(gpt2, "lm-infinite")
+
+
+def test_composes_with_rope_scaling():
+    model = tiny_model("llama", length=32)
+    ids = random_ids(70)
+    with api.patch(model, "linear:factor=2"):
+        rescaled_inv_freq = model.model.rotary_emb.inv_freq.clone()
+    with api.patch(model, ["linear:factor=2", "lm-infinite:impl=eager"]):
+        eager = model(ids).logits
+    with api.patch(model, ["linear:factor=2", "lm-infinite"]):
+        fast = model(ids).logits
+        assert torch.equal(model.model.rotary_emb.inv_freq, rescaled_inv_freq)
+    torch.testing.assert_close(fast, eager, atol=2e-5, rtol=1e-4)

@@ -56,8 +56,11 @@ def attend(state: LambdaState, module, query, key, value, mask2d, q_pos, scale: 
         k_valid = mask2d[:, -Tk:].bool() if mask2d is not None and mask2d.shape[1] >= Tk else None
     if k_valid is not None and bool(k_valid.all()):
         k_valid = None
-    kernel = IMPLEMENTATIONS[state.impl]
-    kwargs = {"block": state.block} if state.impl == "blocked" else {}
+    impl = state.impl
+    if impl == "blocked" and torch.is_grad_enabled() and query.requires_grad:
+        impl = "eager"  # the blocked kernel writes k/v in place (no autograd); training (Temp-LoRA) needs gradients
+    kernel = IMPLEMENTATIONS[impl]
+    kwargs = {"block": state.block} if impl == "blocked" else {}
     return kernel(query, key, value, q_pos, k_pos, k_valid, state.pattern, state.encoding_fn(), scale, **kwargs)
 
 

@@ -1,0 +1,159 @@
+"""Compare trained lab models: PPL at 1x..16x the training length, with the inference-time tricks as variants.
+
+A *variant* is a model folder name under the models root plus optional inference tricks joined by `+`:
+`rope`, `rope+logn`, `nope+local`, `nope+local=64`, `xpos+blockwise`.
+- `logn`: log-n attention scaling in every layer (`InferenceOptions.logn`);
+- `local[=W]`: local attention over the last W keys (default: the training length) in every layer but the last,
+  and a global last layer with log-n scaling (Su's hybrid);
+- `blockwise[=B]`: XPOS's blockwise causal attention (block B, default half the training length).
+Every cell is scored by `lengthwise.eval.perplexity.perplexity` (method `vanilla`: one pass per document) and
+appended to a JSON-lines results file (resumable), then rendered as a Markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lengthwise.lab.model import LAB_MARKER, load_lab_model
+
+TRICKS = ("logn", "local", "blockwise")
+# the inference tricks worth showing by default, on the models where the survey proposes them
+DEFAULT_TRICKS = {"rope": ("logn", "local"), "nope": ("logn", "local"), "xpos": ("blockwise",)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # as written, e.g. "rope+local=64"
+    model: str  # folder name under the models root
+    folder: Path
+    inference: dict  # InferenceOptions fields
+
+
+def model_folders(root: str | Path) -> list[str]:
+    """Names of the lab model folders under `root` (those with a marker file), sorted."""
+    return sorted(p.name for p in Path(root).iterdir() if (p / LAB_MARKER).exists())
+
+
+def parse_variant(text: str, root: str | Path) -> Variant:
+    """Parse `MODEL[+TRICK[=N]]...`; raises ValueError naming the bad part and what is accepted."""
+    parts = [p.strip() for p in text.split("+")]
+    model, tricks = parts[0], parts[1:]
+    folder = Path(root) / model
+    if not (folder / LAB_MARKER).exists():
+        raise ValueError(f"variant {text!r}: no lab model {model!r} under {root}; "
+                         f"available: {', '.join(model_folders(root)) or 'none'}")
+    inference: dict = {}
+    for trick in tricks:
+        name, _, value = trick.partition("=")
+        if name not in TRICKS:
+            raise ValueError(f"variant {text!r}: unknown trick {name!r}; accepted: {', '.join(TRICKS)}")
+        if value and not value.isdigit():
+            raise ValueError(f"variant {text!r}: {name}={value!r} must be a positive integer")
+        if name == "logn":
+            if value:
+                raise ValueError(f"variant {text!r}: logn takes no value")
+            inference["logn"] = True
+        elif name == "local":
+            inference["local_window"] = int(value) if value else _train_length(folder)
+        else:
+            inference["blockwise"] = True
+            if value:
+                inference["block"] = int(value)
+    return Variant(text, model, folder, inference)
+
+
+def _train_length(folder: Path) -> int:
+    return int(json.loads((folder / LAB_MARKER).read_text())["config"]["max_position_embeddings"])
+
+
+def default_variants(root: str | Path) -> list[str]:
+    """Every model, plus the tricks of `DEFAULT_TRICKS` on the models that exist."""
+    names = model_folders(root)
+    extra = [f"{m}+{t}" for m in names for t in DEFAULT_TRICKS.get(m, ())]
+    return names + extra
+
+
+def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], data: Sequence[str],
+            max_docs: int, results: str | Path, table: str | Path | None = None, plot: str | Path | None = None,
+            progress: bool = True) -> list[dict]:
+    """Score every (variant, data, factor) cell (skipping cells already in `results`); write table and plot."""
+    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
+    from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
+    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
+    from lengthwise.io import atomic_write_text  # noqa: PLC0415
+
+    parsed = [parse_variant(v, root) for v in variants]  # validate all before any heavy work
+    if not factors or any(int(f) < 1 for f in factors):
+        raise ValueError(f"factors must be positive integers, got {list(factors)!r}")
+    store = ResultsFile(results)
+    corpora = {name: load_corpus(name) for name in data}
+    records = []
+    for variant in parsed:
+        model, tokenizer = load_lab_model(variant.folder, **variant.inference)
+        length = model.config.max_position_embeddings
+        for name, documents in corpora.items():
+            records += perplexity(model, tokenizer, documents, [f * length for f in factors], ["vanilla"],
+                                  max_docs=max_docs, results=store, model_name=f"lab:{variant.name}",
+                                  data_name=name, progress=progress)
+    for record in records:  # the factor, for tables and plots (stored records are returned as stored)
+        record.setdefault("factor", record["length"] // record["pretrain_length"])
+    if table:
+        atomic_write_text(table, comparison_table(records, root) + "\n")
+    if plot:
+        plot_comparison(records, plot)
+    return records
+
+
+def comparison_table(records: list[dict], root: str | Path | None = None) -> str:
+    """One Markdown table per data set: variant rows, PPL at each length (factor x training length) columns,
+    plus the final training loss of the model when its `training.json` is found under `root`."""
+    from lengthwise.report.tables import markdown_table, pivot  # noqa: PLC0415
+
+    blocks = []
+    for data in dict.fromkeys(r["data"] for r in records):
+        group = [r for r in records if r["data"] == data]
+        rows, columns, cells = pivot(group, "model", "length", lambda r: r["metrics"]["ppl"])
+        train_length = group[0]["pretrain_length"]
+        header = [f"variant ({data})", "train loss"] + [f"{c} ({c // train_length}x)" for c in columns]
+        body = []
+        for row in rows:
+            variant = row.removeprefix("lab:")
+            body.append([variant, _train_loss(root, variant.split("+")[0])] +
+                        [f"{cells[(row, c)]:.2f}" if (row, c) in cells else "-" for c in columns])
+        blocks.append(markdown_table(header, body))
+    return "\n\n".join(blocks)
+
+
+def _train_loss(root, model: str) -> str:
+    path = Path(root) / model / "training.json" if root else None
+    if not path or not path.exists():
+        return "-"
+    return f"{json.loads(path.read_text())['train_loss_last']:.3f}"
+
+
+def plot_comparison(records: list[dict], path: str | Path) -> None:
+    """PPL (log scale) vs evaluation length, one line per variant, one panel per data set."""
+    from lengthwise.report.plots import _pyplot, save_figure  # noqa: PLC0415
+
+    plt = _pyplot()
+    datas = list(dict.fromkeys(r["data"] for r in records))
+    fig, axes = plt.subplots(1, len(datas), figsize=(6.5 * len(datas), 4.8), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        group = [r for r in records if r["data"] == data]
+        for model in dict.fromkeys(r["model"] for r in group):
+            points = sorted((r["length"], r["metrics"]["ppl"]) for r in group if r["model"] == model)
+            variant = model.removeprefix("lab:")
+            style = "--" if "+" in variant else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", ms=3, label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axvline(group[0]["pretrain_length"], color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("evaluation length (tokens); dotted: training length")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"lab models on {data}")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)

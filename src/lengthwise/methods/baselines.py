@@ -18,6 +18,7 @@ class VanillaConfig:
     VanillaConfig,
     role="none",
     summary="The unpatched model: full causal attention at every length (fails past the training length).",
+    encodings=("rope", "alibi", "other"),  # changes nothing, so any model (e.g. the PE lab's) may use it
 )
 def apply_vanilla(model, config: VanillaConfig) -> Undo:
     return Undo()
@@ -43,6 +44,7 @@ class SlidingWindowConfig:
     role="scoring",
     summary="Baseline: every token is scored (or generated) by recomputing the model over the previous "
     "`window` tokens, so the model never leaves its training length. The fluency reference.",
+    encodings=("rope", "alibi", "other"),  # a scoring strategy: works on any causal LM
 )
 def apply_sliding_window(model, config: SlidingWindowConfig) -> Undo:
     return Undo()  # a scoring strategy: evaluation code reads the config, the model stays as it is

@@ -50,3 +50,14 @@ def test_cli_rejects_unknown_method():
     result = CliRunner().invoke(app, ["ppl", "--method", "bogus", "--lengths", "64"])
     assert result.exit_code != 0
     assert "unknown method 'bogus'" in result.output
+
+
+def test_methods_page_matches_registry():
+    """docs/methods.md is generated from the registry; regenerate it when a method or option changes."""
+    from pathlib import Path
+
+    from lengthwise.registry import method_names, registry_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert page.rstrip("\n") == registry_markdown().rstrip("\n"), "run: lengthwise methods --markdown > docs/methods.md"
+    assert all(f"## `{name}`" in page for name in method_names())

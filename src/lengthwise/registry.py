@@ -81,6 +81,32 @@ def get_method(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
+def registry_markdown() -> str:
+    """The registry as the Markdown page `docs/methods.md` (a test keeps that page equal to this)."""
+    lines = ["# Methods", "", "Generated from the registry by `lengthwise methods --markdown > docs/methods.md`; "
+             "a test fails when this page and the registry disagree.", "",
+             "Use any of them as `lengthwise.patch(model, \"name\", option=value)` or on the command line as "
+             "`-m name:option=value`; stack methods of different roles with `+` (e.g. `yarn:factor=8+lm-infinite`).", ""]
+    for name in method_names():
+        spec = _REGISTRY[name]
+        lines += [f"## `{name}`", "", spec.summary, "",
+                  f"- role: `{spec.role}`; position encodings: {', '.join(spec.encodings)}",
+                  f"- paper: {spec.paper or '-'}"]
+        if spec.composable_with:
+            lines.append(f"- composes with roles: {', '.join(spec.composable_with)}")
+        options = [f"`{f.name}`={_default_text(f)}" for f in dataclasses.fields(spec.config_cls)]
+        lines += [f"- options: {', '.join(options) or '(none)'}", ""]
+    return "\n".join(lines)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return "(required)"
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)

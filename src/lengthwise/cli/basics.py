@@ -14,10 +14,13 @@ console = Console()
 
 
 @app.command("methods")
-def list_methods() -> None:
+def list_methods(markdown: bool = typer.Option(False, help="print the Markdown page docs/methods.md instead")) -> None:
     """List the registered methods (the same registry the API and docs read)."""
-    from lengthwise.registry import get_method, method_names  # noqa: PLC0415
+    from lengthwise.registry import get_method, method_names, registry_markdown  # noqa: PLC0415
 
+    if markdown:
+        print(registry_markdown())
+        return
     table = Table("method", "role", "paper", "what it does")
     for name in method_names():
         spec = get_method(name)
@@ -75,9 +78,7 @@ def demo(
     out: Path = typer.Option(Path("results/demo"), help="folder for the results and the plot"),
 ) -> None:
     """The main job on the embedded default: the reference RoPE model on held-out stdlib files, 256..4096 tokens,
-    vanilla vs the sliding-window baseline vs lm-infinite (when registered)."""
-    from lengthwise.registry import method_names  # noqa: PLC0415
-
-    methods = ["vanilla", "sliding-window"] + [m for m in ("lm-infinite",) if m in method_names()]
-    ppl_command(model="llama-rope-256", data="stdlib", lengths="256,512,1024,2048,4096", method=methods, max_docs=4,
+    vanilla vs the sliding-window baseline vs lm-infinite."""
+    ppl_command(model="llama-rope-256", data="stdlib", lengths="256,512,1024,2048,4096",
+                method=["vanilla", "sliding-window", "lm-infinite"], max_docs=4,
                 chunk_size=0, out=out / "ppl.jsonl", plot=out / "ppl.png", quiet=False)

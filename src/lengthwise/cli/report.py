@@ -1,0 +1,26 @@
+"""`lengthwise report`: Markdown tables and PNG plots for a set of results files (any task)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lengthwise.cli.app import app
+
+
+@app.command("report")
+def report_command(
+    results: list[Path] = typer.Argument(..., help="JSON-lines results files (ppl, passkey, gen-quality, bench)"),
+    out: Path = typer.Option(Path("results/report"), help="folder for report.md and the PNG plots"),
+    title: str = typer.Option("lengthwise results", help="title of report.md"),
+) -> None:
+    """Tables (Markdown) and plots (PNG) for any mix of results files, grouped by task."""
+    from lengthwise.report.build import build_report  # noqa: PLC0415
+
+    try:
+        path = build_report(results, out, title=title)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(path.read_text(encoding="utf-8"))
+    typer.echo(f"report: {path}")

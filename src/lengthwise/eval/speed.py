@@ -1,0 +1,228 @@
+"""Speed and memory by (method, length), dense SDPA (`vanilla`) included, in one run (DESIGN.md protocol).
+
+A cell: a random prompt of n tokens (fixed by the seed) is prefilled through the method's own KV cache
+(`handle.new_cache()`, else a `DynamicCache`), then `decode_steps` greedy tokens are decoded one at a time.
+Reported: prefill seconds, per-token decode seconds (median of the steps), peak memory above the level before the
+cell (CUDA: `max_memory_allocated`; CPU: the resident-set high-water mark, reset through /proc/self/clear_refs),
+and the KV-cache bytes after the last decode step. The sliding-window baseline has no cache: its prefill runs the model over
+the last `window` tokens and every decode step recomputes that window (what its generation pays).
+Generic over registered methods and models; the LM-Infinite-specific study is benchmarks/lm_infinite_speed.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from lengthwise.api import patch
+from lengthwise.eval.results import ResultsFile, cell_key, make_record
+from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, is_scoring, resolve_spec
+from lengthwise.models.families import model_info
+from lengthwise.progress import progress_bar
+from lengthwise.registry import get_method, parse_method_spec
+
+WARMUP_TOKENS = 32
+
+
+def build_llama(hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
+                mlp: int | None = None, vocab: int = 2048, train_length: int = 256, seed: int = 0,
+                dtype: torch.dtype = torch.float32):
+    """A randomly initialised Llama-shaped model built in code (no download), SDPA attention, for speed sweeps."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads), ("vocab", vocab),
+                        ("train_length", train_length)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if hidden % heads or (hidden // heads) % 2:
+        raise ValueError(f"hidden ({hidden}) must split into {heads} heads of an even size")
+    kv_heads = kv_heads or heads
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp or 3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=train_length, attn_implementation="sdpa",
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _rss_kib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return float(line.split()[1])
+    return float("nan")
+
+
+class PeakMemory:
+    """Peak bytes allocated above the level at entry: CUDA allocator stats, or the process RSS high-water mark."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: float = float("nan")
+        self.source = "cuda max_memory_allocated" if device.type == "cuda" else "rss high-water mark"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:  # writing 5 resets VmHWM to the current RSS (Linux >= 4.0)
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.source = "rss high-water mark (not resettable here: an upper bound)"
+            self.base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = _rss_kib("VmHWM") * 1024 - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def cache_bytes(cache) -> int | None:
+    """Bytes held by the keys and values of a transformers Cache (None when its layout is unknown)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_length: int) -> dict:
+    """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes."""
+    device = ids.device
+    if is_scoring(spec):
+        name, options = parse_method_spec(spec)[0]
+        window = get_method(name).make_config(**options).window or pretrain_length
+
+        def step(context: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=context[:, -window:], use_cache=False, logits_to_keep=1).logits[:, -1]
+
+        prefill, logits = _timed(lambda: step(ids), device)
+        context, times = ids, []
+        for _ in range(decode_steps):
+            context = torch.cat([context, logits.argmax(-1, keepdim=True)], dim=1)
+            seconds, logits = _timed(lambda c=context: step(c), device)
+            times.append(seconds)
+        return {"prefill_s": prefill, "decode_s": times, "cache_bytes": 0}
+    with patch(model, spec) as handle:
+        cache = handle.new_cache()
+        if cache is None:
+            from transformers import DynamicCache  # noqa: PLC0415
+
+            cache = DynamicCache(config=model.config)
+
+        def step(chunk: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+        prefill, logits = _timed(lambda: step(ids), device)
+        times = []
+        for _ in range(decode_steps):
+            seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): step(t), device)
+            times.append(seconds)
+        held = cache_bytes(cache)  # after decoding: bounded caches trim lazily, on the next update
+    return {"prefill_s": prefill, "decode_s": times, "cache_bytes": held}
+
+
+def bench(
+    model,
+    lengths: Sequence[int],
+    methods: Sequence[str] = ("vanilla", "lm-infinite"),
+    *,
+    decode_steps: int = 8,
+    seed: int = 0,
+    results: ResultsFile | None = None,
+    model_name: str = "model",
+    progress: bool = True,
+) -> list[dict]:
+    """Prefill latency, per-token decode latency and peak memory for every (method, length) cell, one run each.
+
+    Every method is first run once on a short prompt (warm-up: allocator, kernel choice, patch set-up). `{s}` in a
+    spec becomes length / L_pretrain. Cells already in `results` are skipped.
+    """
+    check_specs(methods)
+    check_lengths(lengths, 2, "bench length")
+    if decode_steps < 1:
+        raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+    results = results or ResultsFile(None)
+    info = model_info(model)
+    param = next(model.parameters())
+    device, vocab = param.device, model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(1, vocab, (1, max(lengths)), generator=generator).to(device)
+    cells = [(m, n) for m in methods for n in lengths]
+    warmed: set[str] = set()
+    records = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("bench", total=len(cells))
+        for method, n in cells:
+            key = cell_key("bench", model=model_name, method=method, length=n, decode_steps=decode_steps,
+                           device=str(device), dtype=str(param.dtype), seed=seed)
+            done = results.done(key)
+            if done:
+                records.append(done)
+                bar.advance(task)
+                continue
+            spec = resolve_spec(method, n, info.pretrain_length)
+            bar.update(task, description=f"bench {spec} @ {n}")
+            if method not in warmed:
+                run_cell(model, prompt[:, :WARMUP_TOKENS], resolve_spec(method, WARMUP_TOKENS, info.pretrain_length),
+                         1, info.pretrain_length)
+                warmed.add(method)
+            with PeakMemory(device) as peak:
+                out = run_cell(model, prompt[:, :n], spec, decode_steps, info.pretrain_length)
+            estimate = estimate_memory(model, n, spec, logits=1)
+            metrics = {
+                "prefill_s": round(out["prefill_s"], 5),
+                "prefill_tokens_per_s": round(n / out["prefill_s"], 1),
+                "decode_s_per_token": round(statistics.median(out["decode_s"]), 6),
+                "peak_memory_mib": round(peak.peak / 2**20, 2),
+                "cache_mib": None if out["cache_bytes"] is None else round(out["cache_bytes"] / 2**20, 4),
+                "cache_bytes": out["cache_bytes"],
+                "estimated_mib": round(estimate.total / 2**20, 1),
+            }
+            describe = [{"method": name, **_asdict(get_method(name).make_config(**options))}
+                        for name, options in parse_method_spec(spec)]
+            record = make_record("bench", key, model=model_name, method=method, method_config=describe,
+                                 data="random-ids", seed=seed, metrics=metrics, length=n, method_resolved=spec,
+                                 decode_steps=decode_steps, decode_s=[round(t, 6) for t in out["decode_s"]],
+                                 device=str(device), dtype=str(param.dtype), memory_source=peak.source,
+                                 attn_implementation=getattr(model.config, "_attn_implementation", None),
+                                 pretrain_length=info.pretrain_length, torch_threads=torch.get_num_threads())
+            results.append(record)
+            records.append(record)
+            bar.advance(task)
+    return records
+
+
+def _asdict(config) -> dict:
+    from dataclasses import asdict  # noqa: PLC0415
+
+    return asdict(config)

@@ -1,0 +1,240 @@
+"""Tables (Markdown) and plots (PNG) for the passkey, gen-quality and bench tasks.
+
+Records of a task are grouped by (model, data); inside a group rows are methods (in order of appearance) and
+columns are lengths. A later record of the same cell wins (a rerun after a fix replaces the old number).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from lengthwise.report.plots import _pyplot, save_figure
+from lengthwise.report.tables import markdown_table, ppl_table
+
+TASKS = ("ppl", "passkey", "gen-quality", "bench")
+
+
+def group(records: list[dict], task: str) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        if record.get("task") == task:
+            groups[(record["model"], record.get("data", ""))].append(record)
+    return dict(groups)
+
+
+def _methods(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in records))
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# --- passkey ---------------------------------------------------------------------------------------------------
+
+
+def passkey_accuracy(records: list[dict]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(method, length) -> (correct, trials) summed over depths (latest record per cell)."""
+    latest = {(r["method"], r["length"], r["depth"]): r for r in records}
+    totals: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for (method, length, _), r in latest.items():
+        totals[(method, length)][0] += r["metrics"]["correct"]
+        totals[(method, length)][1] += r["metrics"]["trials"]
+    return {k: (c, t) for k, (c, t) in totals.items()}
+
+
+def passkey_tables(records: list[dict]) -> str:
+    blocks = []
+    for (model, _), rows in group(records, "passkey").items():
+        totals = passkey_accuracy(rows)
+        lengths = sorted({n for _, n in totals})
+        depths = sorted({r["depth"] for r in rows})
+        trials = sorted({r["metrics"]["trials"] for r in rows})
+        header = [f"passkey accuracy ({model}; {len(depths)} depths x {'/'.join(map(str, trials))} trials)"]
+        body = []
+        for method in _methods(rows):
+            line = [method]
+            for n in lengths:
+                correct, total = totals.get((method, n), (0, 0))
+                line.append(f"{correct / total:.2f}" if total else "-")
+            body.append(line)
+        blocks.append(markdown_table(header + [str(n) for n in lengths], body))
+    return "\n\n".join(blocks)
+
+
+def passkey_depth_tables(records: list[dict]) -> str:
+    """One table per method: accuracy by depth (rows) and length (columns)."""
+    blocks = []
+    for (model, _), rows in group(records, "passkey").items():
+        lengths = sorted({r["length"] for r in rows})
+        for method in _methods(rows):
+            cells = {(r["depth"], r["length"]): r["metrics"]["accuracy"] for r in rows if r["method"] == method}
+            depths = sorted({d for d, _ in cells})
+            body = [[f"{d:g}%"] + [_fmt(cells.get((d, n)), ".2f") for n in lengths] for d in depths]
+            blocks.append(markdown_table([f"{method} ({model}) depth"] + [str(n) for n in lengths], body))
+    return "\n\n".join(blocks)
+
+
+def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
+    """Accuracy by depth (y) and length (x), one panel per method (first model in the records)."""
+    plt = _pyplot()
+    groups = group(records, "passkey")
+    if not groups:
+        raise ValueError("no passkey records to plot")
+    (model, _), rows = next(iter(groups.items()))
+    methods = _methods(rows)
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    columns = min(3, len(methods))
+    lines = -(-len(methods) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 2.9 * lines), squeeze=False)
+    image = None
+    for ax, method in zip(axes.flat, methods):
+        cells = {(r["depth"], r["length"]): r["metrics"]["accuracy"] for r in rows if r["method"] == method}
+        grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if value == value:  # not NaN
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("length (tokens)", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.suptitle(f"passkey accuracy, {model}", fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    save_figure(fig, path)
+
+
+def plot_passkey_by_length(records: list[dict], path: str | Path) -> None:
+    """Accuracy (mean over depths) against length, one line per method; training length dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    pretrain = None
+    for (model, _), rows in group(records, "passkey").items():
+        totals = passkey_accuracy(rows)
+        for method in _methods(rows):
+            points = sorted((n, c / t) for (m, n), (c, t) in totals.items() if m == method and t)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        pretrain = rows[0].get("pretrain_length", pretrain)
+    if pretrain:
+        ax.axvline(pretrain, color="grey", linestyle="--", linewidth=1, label=f"training length {pretrain}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("passkey accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+# --- generation quality ----------------------------------------------------------------------------------------
+
+
+def gen_quality_tables(records: list[dict]) -> str:
+    blocks = []
+    for (model, data), rows in group(records, "gen-quality").items():
+        cells = {(r["method"], r["length"]): r["metrics"] for r in rows}
+        lengths = sorted({n for _, n in cells})
+        docs = sorted({m["docs"] for m in cells.values()})
+        header = [f"BLEU / ROUGE-L ({model}, {data}, {'/'.join(map(str, docs))} docs)"] + [str(n) for n in lengths]
+        body = [[method] + [f"{cells[(method, n)]['bleu']:.2f} / {cells[(method, n)]['rougeL']:.3f}"
+                            if (method, n) in cells else "-" for n in lengths] for method in _methods(rows)]
+        blocks.append(markdown_table(header, body))
+    return "\n\n".join(blocks)
+
+
+def plot_gen_quality(records: list[dict], path: str | Path) -> None:
+    """BLEU and ROUGE-L against prefix length, one line per method, one row of panels per (model, data)."""
+    plt = _pyplot()
+    groups = group(records, "gen-quality")
+    if not groups:
+        raise ValueError("no gen-quality records to plot")
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.8 * len(groups)), squeeze=False)
+    for (model, data), ax_row in zip(groups, axes):
+        rows = groups[(model, data)]
+        for metric, ax in zip(("bleu", "rougeL"), ax_row):
+            for method in _methods(rows):
+                points = sorted((r["length"], r["metrics"][metric]) for r in rows if r["method"] == method)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            pretrain = rows[0].get("pretrain_length")
+            if pretrain:
+                ax.axvline(pretrain, color="grey", linestyle="--", linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("prefix length (tokens)")
+            ax.set_ylabel("BLEU" if metric == "bleu" else "ROUGE-L F1")
+            ax.set_title(f"{model}, {data}", fontsize=9)
+            ax.grid(alpha=0.3)
+        ax_row[0].legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+# --- speed -----------------------------------------------------------------------------------------------------
+
+BENCH_METRICS = (("prefill_s", "prefill s", ".3f"), ("decode_s_per_token", "decode ms/token", None),
+                 ("peak_memory_mib", "peak MiB", ".0f"))
+
+
+def bench_tables(records: list[dict]) -> str:
+    blocks = []
+    for (model, _), rows in group(records, "bench").items():
+        cells = {(r["method"], r["length"]): r["metrics"] for r in rows}
+        lengths = sorted({n for _, n in cells})
+        where = sorted({f"{r.get('device')}, {r.get('dtype')}, {r.get('torch_threads')} threads" for r in rows})
+        for key, label, spec in BENCH_METRICS:
+            header = [f"{label} ({model}; {'; '.join(where)})"] + [str(n) for n in lengths]
+            body = []
+            for method in _methods(rows):
+                values = []
+                for n in lengths:
+                    value = cells.get((method, n), {}).get(key)
+                    values.append(_fmt(None if value is None else value * 1000, ".2f") if spec is None
+                                  else _fmt(value, spec))
+                body.append([method] + values)
+            blocks.append(markdown_table(header, body))
+    return "\n\n".join(blocks)
+
+
+def plot_bench(records: list[dict], path: str | Path) -> None:
+    plt = _pyplot()
+    groups = group(records, "bench")
+    if not groups:
+        raise ValueError("no bench records to plot")
+    fig, axes = plt.subplots(len(groups), 3, figsize=(14, 3.8 * len(groups)), squeeze=False)
+    for ((model, _), rows), ax_row in zip(groups.items(), axes):
+        for (key, label, _), ax in zip(BENCH_METRICS, ax_row):
+            for method in _methods(rows):
+                points = sorted((r["length"], r["metrics"][key]) for r in rows if r["method"] == method)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("length (tokens)")
+            ax.set_ylabel(label.replace("ms/token", "s/token"))
+            ax.set_title(model[:60], fontsize=8)
+            ax.grid(alpha=0.3)
+        ax_row[0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# --- all tasks -------------------------------------------------------------------------------------------------
+
+
+def task_tables(records: list[dict]) -> str:
+    """Markdown tables of every task present in `records`."""
+    parts = []
+    if any(r.get("task") == "ppl" for r in records):
+        parts.append(ppl_table([r for r in records if r.get("task") == "ppl"]))
+    for task, fn in (("passkey", passkey_tables), ("gen-quality", gen_quality_tables), ("bench", bench_tables)):
+        if any(r.get("task") == task for r in records):
+            parts.append(fn(records))
+    return "\n\n".join(parts)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "results"

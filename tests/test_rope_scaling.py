@@ -247,6 +247,21 @@ def test_combinations():
     api.patch(model, "yarn").remove()  # static frequencies work under any attention
 
 
+def test_position_dependent_frequencies_before_lambda_attention_are_refused_at_patch_time():
+    """Λ attention re-rotates keys with one frequency set; a per-position or length-dependent plan patched before
+    it must be refused when patching (the reverse order is refused by the rope method), leaving the model intact."""
+    model = tiny_model("llama")
+    ids = random_ids(40)
+    before = model(ids).logits
+    for spec in ("linear:n_hat=4+lm-infinite", "yarn:factor=2,n_hat=2+streaming",
+                 "longrope:short_factors=[1,1,1,1,1,1,1,1]+lm-infinite"):
+        with pytest.raises(ValueError, match="one set of frequencies"):
+            api.patch(model, spec)
+        assert torch.equal(model(ids).logits, before), spec
+        assert model.config._attn_implementation == "sdpa", spec
+    api.patch(model, "linear:factor=2+lm-infinite").remove()  # static frequencies compose
+
+
 def test_plan_regimes():
     g = S.RopeGeometry(16, 10000.0, 32)
     plan = make_plan("dynamic-ntk", get_method("dynamic-ntk").make_config(), g)

@@ -14,6 +14,21 @@ ADAPTER_TYPES = ("gptj", "bloom", "mpt")  # own attention forward (lengthwise.mo
 SUPPORTED_TYPES = INTERFACE_TYPES + ADAPTER_TYPES
 
 
+def require_single_frequency_set(rotary_module, method: str) -> None:
+    """The distance limit moves rotated queries and keys with one set of inverse frequencies; a RoPE method whose
+    frequencies depend on the position (n_hat > 0) or the length (dynamic-ntk, longrope short/long switch) patched
+    before this one would make that move wrong, so refuse it now rather than at the first forward."""
+    from lengthwise.methods.rope_scaling import POSITION_DEPENDENT_MARK  # noqa: PLC0415
+
+    other = getattr(rotary_module, POSITION_DEPENDENT_MARK, None) if rotary_module is not None else None
+    if other is not None:
+        raise ValueError(
+            f"{method!r} cannot follow {other!r} with per-position or length-dependent frequencies (n_hat > 0, "
+            f"dynamic-ntk, longrope short_factors): the distance limit re-rotates keys with one set of frequencies. "
+            f"Use a static setting (n_hat=0, no short_factors), e.g. 'yarn:factor=4+{method}'"
+        )
+
+
 def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "blocked", block: int = 256) -> Undo:
     from lengthwise.models import adapters  # noqa: PLC0415
     from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
@@ -31,6 +46,7 @@ def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "bloc
             return encoding
     else:
         layout = rotary_layout(model)
+        require_single_frequency_set(layout.rotary_module, method)
 
         def encoding_fn():  # read inv_freq at call time, so a RoPE method patched later is honoured
             return RopeEncoding(layout.inv_freq, layout.style)

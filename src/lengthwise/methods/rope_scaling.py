@@ -30,6 +30,8 @@ from lengthwise.rope.rotation import RotaryLayout, rotary_layout, rotate
 # attention implementations that leave positions to the rotary embedding (anything else, e.g. a Λ-attention
 # that re-rotates keys itself, cannot follow per-position or changing frequencies)
 STANDARD_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", None)
+# attribute set on the rotary module while a position-dependent plan is patched in (value: the method's name)
+POSITION_DEPENDENT_MARK = "_lengthwise_position_dependent"
 
 
 # ----------------------------------------------------------------------------------------------------------- configs
@@ -347,6 +349,9 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
         undo.setattr(rotary, "attention_scaling", factor)
         return undo
 
+    # marks the rotary module for attention methods patched after this one (Λ attention re-rotates keys with a
+    # single frequency set, so it must refuse per-position or length-dependent plans at patch time)
+    undo.setattr(rotary, POSITION_DEPENDENT_MARK, method)
     state: dict[str, Any] = {"seq_len": None, "busy": False}  # seq_len: frequencies of the forward in progress
     parent = _parent_of(model, rotary)
 

@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--mutation-prob", type=float, default=0.3)
     ap.add_argument("--mutation-step", type=float, default=None, help="largest λ change per mutation (default 15%% of the range)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--progressive", action="store_true",
+                    help="seed each scale's search with the previous scale's factors, rescaled (paper: 4x -> 8x)")
     ap.add_argument("--ray", action="store_true", help="also time the first scale's search on local Ray")
     ap.add_argument("--ray-only", action="store_true", help="only the Ray timing run (needs the serial run done)")
     ap.add_argument("--workers", type=int, default=2)
@@ -71,43 +73,61 @@ def main() -> None:
 
     for index, s in enumerate(scales):
         key = f"s={s:g}"
-        search_kwargs = dict(scale=s, evolution=config, max_docs=args.search_docs, attention=args.attention_factor,
+        previous = args.out / f"s={scales[index - 1]:g}" / "factors.json" if args.progressive and index else None
+        search_kwargs = dict(scale=s, evolution=config, previous=previous, max_docs=args.search_docs, attention=args.attention_factor,
                              short_length=L, short_evolution=short_config, threads=args.threads)
         if not args.ray_only:
-            start = time.time()
+            start, fresh = time.time(), []
             result = longrope(model, tokenizer, search_docs, out_dir=args.out / key, model_name=args.model,
-                              on_generation=lambda phase, row: print(phase, row, flush=True), **search_kwargs)
+                              on_generation=lambda phase, row: print(phase, row, flush=True),
+                              on_evaluation=lambda: fresh.append(1), **search_kwargs)
             wall = time.time() - start
             n = result.target_length
             evals = result.long.evaluations + result.short.evaluations
             searched = result.method_spec(str(args.out / key / "factors.json"))
             methods = ["vanilla", f"linear:factor={s:g}", f"ntk:factor={s:g}", f"dynamic-ntk:factor={s:g}",
                        f"yarn:factor={s:g}", searched]
+            if args.attention_factor is not None:  # YaRN with the search's attention factor: isolates that choice
+                methods.insert(-1, f"yarn:factor={s:g},attention_factor={args.attention_factor:g}")
             long_records = perplexity(model, tokenizer, eval_docs, [n], methods, max_docs=args.eval_docs,
                                       results=results, model_name=args.model, data_name=args.eval_data)
             short_records = perplexity(model, tokenizer, eval_docs, [L], ["vanilla", searched], max_docs=args.eval_docs,
                                        results=results, model_name=args.model, data_name=args.eval_data)
-            names = ["vanilla", "PI", "NTK", "Dynamic NTK", "YaRN", "LongRoPE search"]
+            previous_summary = dict(summary.get(key, {}))
+            names = ["vanilla", "PI", "NTK", "Dynamic NTK", "YaRN"]
+            if args.attention_factor is not None:
+                names.append(f"YaRN (attention {args.attention_factor:g})")
+            names.append("LongRoPE search")
             held_out = {name: r["metrics"]["ppl"] for name, r in zip(names, long_records)}
-            best_baseline = min(v for k, v in held_out.items() if k not in ("vanilla", "LongRoPE search"))
+            standard = ("PI", "NTK", "Dynamic NTK", "YaRN")
+            best_baseline = min(held_out[k] for k in standard)
+            best_any = min(v for k, v in held_out.items() if k not in ("vanilla", "LongRoPE search"))
             summary[key] = {
                 "target_length": n, "pretrain_length": L, "attention_factor": result.attention_factor,
                 "n_hat": result.n_hat, "long_factors": result.long_factors, "short_factors": result.short_factors,
                 "search_fitness": {"searched": result.long.ppl, **result.long.seed_ppl},
                 "held_out_ppl": held_out,
                 "gain_vs_best_baseline": round(1 - held_out["LongRoPE search"] / best_baseline, 4),
+                "gain_vs_best_including_tuned_yarn": round(1 - held_out["LongRoPE search"] / best_any, 4),
+                "previous": str(previous) if previous else None,
+                "search_documents": {"data": args.search_data, "names": search_names(search_docs, tokenizer, n, args.search_docs)},
+                "eval_documents": {"data": args.eval_data, "names": search_names(eval_docs, tokenizer, n, args.eval_docs)},
                 "held_out_ppl_at_L": {"vanilla": short_records[0]["metrics"]["ppl"],
                                       "searched (short factors)": short_records[1]["metrics"]["ppl"]},
                 "short_vs_original_at_L": round(short_records[1]["metrics"]["ppl"] / short_records[0]["metrics"]["ppl"] - 1, 4),
                 "serial": {"wall_s": round(wall, 1), "search_s": round(result.long.seconds + result.short.seconds, 1),
                            "evaluations": evals,
-                           "evals_per_min_long": round(60 * result.long.evaluations / result.long.seconds, 2)},
+                           "evals_per_min_long": round(60 * result.long.evaluations / max(result.long.seconds, 1e-9), 2)},
                 "budget": {"population": args.population, "parents": args.parents, "mutations": args.mutations,
                            "crossovers": args.crossovers, "iterations": args.iterations,
                            "short_iterations": args.short_iterations, "search_docs": args.search_docs,
                            "eval_docs": args.eval_docs, "threads": args.threads,
                            "mutation_prob": args.mutation_prob, "mutation_step": args.mutation_step},
             }
+            if not fresh and "serial" in previous_summary:  # resumed from finished checkpoints: keep the real timing
+                summary[key]["serial"] = previous_summary["serial"]
+            if "ray" in previous_summary:
+                summary[key]["ray"] = previous_summary["ray"]
             atomic_write_json(summary_path, summary)
             print(json.dumps(summary[key], indent=1), flush=True)
         if (args.ray or args.ray_only) and index == 0:
@@ -120,13 +140,19 @@ def main() -> None:
                 "workers": args.workers, "wall_s": round(time.time() - start, 1),
                 "search_s": round(ray_result.long.seconds + ray_result.short.seconds, 1),
                 "evaluations": ray_result.long.evaluations + ray_result.short.evaluations,
-                "evals_per_min_long": round(60 * ray_result.long.evaluations / ray_result.long.seconds, 2),
+                "evals_per_min_long": round(60 * ray_result.long.evaluations / max(ray_result.long.seconds, 1e-9), 2),
                 "same_result_as_serial": (ray_result.long_factors == serial.get("long_factors")
                                           and ray_result.short_factors == serial.get("short_factors")),
             }
             atomic_write_json(summary_path, summary)
             print(json.dumps(summary[key]["ray"], indent=1), flush=True)
     plot(summary, args.out)
+
+
+def search_names(documents, tokenizer, length: int, max_docs: int) -> list[str]:
+    from lengthwise.data.corpus import documents_of_length  # noqa: PLC0415
+
+    return [name for name, _ in documents_of_length(documents, tokenizer, length, max_docs).docs]
 
 
 def plot(summary: dict, out: Path) -> None:

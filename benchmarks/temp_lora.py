@@ -13,7 +13,7 @@ Resumable: records are appended per (document, arm) and skipped when present.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -25,9 +25,6 @@ from lengthwise.report.plots import _pyplot, save_figure
 from lengthwise.report.tables import markdown_table
 from lengthwise.temp_lora import TempLoraConfig
 from lengthwise.temp_lora.evaluate import change, comparison_rows, pool, run_arm, select_documents
-
-EDGES = (0, 1024, 2048, 4096, 8192)
-
 
 def arms(lr: float, steps: int) -> dict[str, TempLoraConfig]:
     lora = TempLoraConfig(chunk_size=64, window=256, lr=lr, steps_per_chunk=steps)
@@ -51,9 +48,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--arms", default="all", help="comma-separated arm names, or all")
+    parser.add_argument("--edges", default="1024,2048,4096,8192", help="context-position bucket edges (tokens)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/temp_lora.jsonl"))
     parser.add_argument("--figure", type=Path, default=None)
+    parser.add_argument("--timing-tokens", type=int, default=0,
+                        help="also time arms (a), (b), (c) on the first N tokens of the first document, interleaved")
+    parser.add_argument("--timing-reps", type=int, default=3, help="interleaved repetitions; the fastest is kept")
+    parser.add_argument("--timing-out", type=Path, default=None, help="JSON lines for the timing records")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,6 +69,7 @@ def main() -> None:
             for name, n in zip(corpora, counts)}
     for name, chosen in docs.items():
         print(f"{name}: " + ", ".join(f"{d} ({len(ids)} tokens)" for d, ids in chosen))
+    edges = (0, *(int(e) for e in args.edges.split(",")))
     chosen_arms = arms(args.lr, args.steps)
     if args.arms != "all":
         chosen_arms = {k: v for k, v in chosen_arms.items() if k in args.arms.split(",")}
@@ -75,10 +78,13 @@ def main() -> None:
         records = []
         for name, chosen in docs.items():
             records += run_arm(model, chosen, config, arm=arm, method=None, results=results, model_name=args.model,
-                               data_name=name, edges=EDGES, progress=False)
+                               data_name=name, edges=edges, progress=False)
         pooled[arm] = pool(records)
         print(f"{arm}: PPL {pooled[arm]['ppl']:.3f}, {pooled[arm]['ms_per_token']:.2f} ms/token", flush=True)
     report(pooled)
+    if args.timing_tokens:
+        first = next(iter(docs.items()))
+        timing(model, first, args.timing_tokens, args.timing_reps, chosen_arms, args)
     if args.figure and "a-base-w256" in pooled and "b-lora-w256" in pooled:
         plot(pooled, args.figure)
 
@@ -99,17 +105,73 @@ def report(pooled: dict[str, dict]) -> None:
         print(markdown_table(["arm", "PPL", "vs (a)", "MFLOPs/token", "vs (a)", "ms/token", "vs (a)"], rows))
 
 
+def timing(model, corpus_doc, tokens: int, reps: int, chosen_arms: dict, args) -> None:
+    """Wall time per token of (a), (b), (c) on the same tokens, the arms interleaved `reps` times (a, b, c, a, b,
+    c, ...) so that load from other jobs hits every arm alike; the fastest repetition of each arm is kept."""
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from lengthwise.eval.results import make_record  # noqa: PLC0415
+    from lengthwise.io import append_jsonl  # noqa: PLC0415
+    from lengthwise.temp_lora import TempLoraSession  # noqa: PLC0415
+
+    data_name, chosen = corpus_doc
+    name, ids = chosen[0]
+    ids = torch.tensor(ids[:tokens])
+    names = [a for a in ("a-base-w256", "b-lora-w256", "c-lora-w128") if a in chosen_arms]
+    runs: dict[str, list[dict]] = {a: [] for a in names}
+    for rep in range(reps):
+        for arm in names:
+            start = time.perf_counter()
+            with TempLoraSession(model, chosen_arms[arm]) as session:
+                nll = session.process(ids)
+                cost = session.cost_summary(len(nll))
+            cost["wall_ms_per_token"] = 1000.0 * (time.perf_counter() - start) / len(nll)
+            runs[arm].append(cost)
+            print(f"timing rep {rep} {arm}: {cost['wall_ms_per_token']:.2f} ms/token", flush=True)
+    base = min(r["wall_ms_per_token"] for r in runs[names[0]])
+    rows = []
+    for arm in names:
+        best = min(runs[arm], key=lambda r: r["wall_ms_per_token"])
+        metrics = {"ms_per_token_min": best["wall_ms_per_token"],
+                   "ms_per_token_all": [round(r["wall_ms_per_token"], 3) for r in runs[arm]],
+                   "flops_per_token": best["flops_per_token"], "flops": best["flops"], "seconds": best["seconds"],
+                   "tokens": len(ids) - 1, "reps": reps}
+        record = make_record("temp-lora-timing", f"temp-lora-timing|{arm}|{name}|{len(ids)}", model=args.model,
+                             method=f"temp-lora:{arm}", method_config=asdict(chosen_arms[arm]),
+                             data=data_name, seed=0, metrics=metrics, arm=arm, doc=name)
+        if args.timing_out:
+            append_jsonl(args.timing_out, record)
+        rows.append([arm, f"{best['flops_per_token'] / 1e6:.1f}", change(best["flops_per_token"], runs[names[0]][0]["flops_per_token"]),
+                     f"{best['wall_ms_per_token']:.2f}", change(best["wall_ms_per_token"], base)])
+    print(json.dumps({"timing_doc": name, "tokens": len(ids)}))
+    print(markdown_table(["arm", "MFLOPs/token", "vs (a)", "ms/token (fastest of reps)", "vs (a)"], rows))
+
+
 def plot(pooled: dict[str, dict], path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 3.6))
     labels = list(pooled["a-base-w256"]["buckets"])
+    colors = {"a-base-w256": "C0", "b-lora-w256": "C1", "c0-base-w128": "C2", "c-lora-w128": "C3"}
     for arm, style in (("a-base-w256", "o-"), ("b-lora-w256", "s-"), ("c0-base-w128", "o--"), ("c-lora-w128", "s--")):
         if arm in pooled:
-            ax.plot(labels, [pooled[arm]["buckets"][k]["ppl"] for k in labels], style, label=arm)
+            ax.plot(labels, [pooled[arm]["buckets"][k]["ppl"] for k in labels], style, color=colors[arm], label=arm)
     ax.set_xlabel("context position (tokens into the document)")
-    ax.set_ylabel("PPL")
-    ax.set_title("Temp-LoRA on llama-rope-256: each chunk scored before training")
+    ax.set_ylabel("PPL (pooled over documents)")
+    ax.set_title("each chunk scored before training on it", fontsize=9)
     ax.legend(fontsize=8)
+    for arm, ref, style in (("b-lora-w256", "a-base-w256", "s-"), ("c-lora-w128", "a-base-w256", "s--"),
+                            ("c-lora-w128", "c0-base-w128", "^:")):
+        if arm in pooled and ref in pooled:
+            dx.plot(labels, [100 * (pooled[arm]["buckets"][k]["ppl"] / pooled[ref]["buckets"][k]["ppl"] - 1)
+                             for k in labels], style, color=colors[arm], label=f"{arm} vs {ref}")
+    dx.axhline(0, color="grey", lw=0.8)
+    dx.set_xlabel("context position (tokens into the document)")
+    dx.set_ylabel("PPL change (%)")
+    dx.set_title("Temp-LoRA vs no LoRA", fontsize=9)
+    dx.legend(fontsize=7)
+    fig.suptitle("Temp-LoRA on llama-rope-256", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)
 
 

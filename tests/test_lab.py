@@ -217,12 +217,12 @@ def test_inference_option_errors():
 @pytest.fixture(scope="module")
 def saved_lab(tmp_path_factory):
     from lengthwise.lab.model import save_lab_model
-    from lengthwise.testing import tiny_tokenizer
+    from lengthwise.lab.train import default_tokenizer
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = default_tokenizer()  # read from disk: much faster than training a tiny one
     torch.manual_seed(0)
     model = LabModel(LabConfig(pe="alibi", vocab_size=len(tokenizer), d_model=32, num_hidden_layers=2, heads=2,
-                               ffn=64, max_position_embeddings=L)).eval()
+                               ffn=64, max_position_embeddings=L)).eval()  # (a 2048-token vocabulary)
     root = tmp_path_factory.mktemp("lab")
     save_lab_model(model, tokenizer, root / "alibi")
     return model, root
@@ -245,6 +245,18 @@ def test_load_model_round_trip_and_perplexity(saved_lab):
     assert all(math.isfinite(r["metrics"]["ppl"]) and r["pretrain_length"] == L for r in records)
     # inside the training length the sliding window is the one pass
     assert records[0]["metrics"]["nll"] == pytest.approx(records[2]["metrics"]["nll"], rel=1e-5)
+
+
+def test_logits_to_keep_and_passkey(saved_lab):
+    model, _ = saved_lab
+    ids = torch.randint(0, 50, (1, 2 * L))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=3).logits, model(input_ids=ids).logits[:, -3:])
+    passkey = pytest.importorskip("lengthwise.eval.passkey")
+    from lengthwise.lab.train import default_tokenizer
+
+    records = passkey.passkey(model, default_tokenizer(), [80], [50], ["vanilla"], trials=1, progress=False)
+    assert len(records) == 1 and 0 <= records[0]["metrics"]["accuracy"] <= 1
 
 
 def test_compare_variants_table_and_plot(saved_lab, tmp_path, monkeypatch):
@@ -273,12 +285,11 @@ def test_compare_variants_table_and_plot(saved_lab, tmp_path, monkeypatch):
 
 def test_train_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from lengthwise.lab import train as lab_train
-    from lengthwise.testing import tiny_tokenizer
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = lab_train.default_tokenizer()
     stream = torch.randint(0, len(tokenizer), (4000,), dtype=torch.int32)
     monkeypatch.setattr(lab_train, "token_stream", lambda *a, **k: stream)
-    cfg = lab_train.TrainConfig(pe="randomized", context=16, d_model=32, layers=1, heads=2, ffn=32, steps=4,
+    cfg = lab_train.TrainConfig(pe="randomized", context=16, d_model=16, layers=1, heads=2, ffn=16, steps=4,
                                 batch=2, warmup=1, checkpoint_every=2)
     straight = lab_train.train(cfg, tmp_path / "a", tokenizer=tokenizer, log=lambda m: None)
 

@@ -173,7 +173,7 @@ class LabModel(nn.Module):
         self.config.inference = InferenceOptions(**options)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, use_cache: bool = False,
-                **unused):
+                logits_to_keep: int = 0, **unused):
         if unused.get("past_key_values") is not None:
             raise ValueError("lab models keep no KV cache; score documents in one pass (no --chunk-size)")
         b, t = input_ids.shape
@@ -198,6 +198,8 @@ class LabModel(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        if logits_to_keep:  # as in transformers: only the last `logits_to_keep` positions (the passkey task asks)
+            logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits, loss=loss)
 
 

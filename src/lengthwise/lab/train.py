@@ -109,13 +109,55 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+LOCK = "training.lock"
+
+
+def _lock(out: Path) -> int | None:
+    """Take `out/training.lock` for this process; returns the pid of another live process holding it, else None.
+
+    Lets several `lab train` processes share one list of encodings: each skips the folders another is training."""
+    import os  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)  # raises when that process is gone
+                if pid != os.getpid():
+                    return pid
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                pass
+            path.unlink(missing_ok=True)  # stale lock of a dead process (or our own)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return None
+    return None
+
+
 def train(cfg: TrainConfig, out: str | Path, tokenizer=None, cache_dir: str | Path | None = None,
           progress: bool = True, log=print) -> Path:
-    """Train (or resume) into `out`; returns the saved model folder. A finished folder is returned untouched."""
+    """Train (or resume) into `out`; returns the saved model folder. A finished folder is returned untouched, and
+    a folder that another live process is training is skipped (returned as is)."""
     out = Path(out)
     if (out / LAB_MARKER).exists() and (out / "training.json").exists():
         log(f"{out} is already trained; skipping")
         return out
+    owner = _lock(out)
+    if owner is not None:
+        log(f"{out} is being trained by process {owner}; skipping")
+        return out
+    try:
+        return _train(cfg, out, tokenizer, cache_dir, progress, log)
+    finally:
+        (out / LOCK).unlink(missing_ok=True)
+
+
+def _train(cfg: TrainConfig, out: Path, tokenizer, cache_dir, progress: bool, log) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = tokenizer or default_tokenizer()

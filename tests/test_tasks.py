@@ -86,9 +86,10 @@ def test_passkey_cells_keys_and_resume(tmp_path):
 def test_reference_model_retrieves_the_passkey_inside_its_training_length():
     # The precondition: >= 90% at the training length, otherwise the task measures nothing.
     model, tokenizer = load_model("llama-rope-256")
-    records = passkey(model, tokenizer, [256], [0, 100], ["vanilla"], trials=3, progress=False)
+    # The grid of benchmarks/passkey.py at 256 tokens: 5 depths x 3 trials (measured: 14/15).
+    records = passkey(model, tokenizer, [256], [0, 25, 50, 75, 100], ["vanilla"], trials=3, progress=False)
     correct = sum(r["metrics"]["correct"] for r in records)
-    assert correct / 6 >= 0.9
+    assert correct / 15 >= 0.9
 
 
 def test_passkey_bad_input_is_named_before_any_work():

@@ -5,8 +5,12 @@ dynamic-ntk uses factor 1 (its base follows the current length, b' = b (n/L)^(d/
 positions < n_hat on the original frequencies (LongRoPE, Table 2's question). `logn` alone and `yarn+logn` show the
 query scale. `sliding-window` is the fluency reference (the model never leaves its training length).
 
-    .venv/bin/python benchmarks/rope_ppl.py --model llama-rope-256 --data stdlib,pg19-dev --max-docs 4 \
-        --out docs/results/rope_ppl.jsonl --table docs/results/rope_ppl.md --plot docs/figures/rope_ppl.png
+    .venv/bin/python benchmarks/rope_ppl.py --model llama-rope-256 --data stdlib,pg19-dev --max-docs 8 \
+        --out docs/results/rope_ppl.jsonl --table docs/results/rope_ppl.md --plot docs/figures/rope_ppl.png \
+        --nhat-plot docs/figures/rope_ppl_nhat.png
+
+In one forward pass over n tokens dynamic-ntk (s=1) computes exactly what ntk with s=n/L computes (its base is set
+for the current length n); it differs only while decoding through a cache, where its base grows with the length.
 
 Results are JSON lines (one per method x length x data), appended; finished cells are skipped on a rerun.
 """
@@ -76,6 +80,39 @@ def plot(records: list[dict], labels: dict[str, str], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_n_hat(records: list[dict], labels: dict[str, str], path: Path) -> None:
+    """PPL with start tokens kept (n_hat) relative to n_hat = 0, per method and length: LongRoPE's Table 2 question."""
+    from lengthwise.report.plots import _pyplot, save_figure  # noqa: PLC0415
+
+    plt = _pyplot()
+    datas = list(dict.fromkeys(r["data"] for r in records))
+    fig, axes = plt.subplots(1, len(datas), figsize=(6 * len(datas), 4.5), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        ppl = {(labels[r["method"]], r["length"]): r["metrics"]["ppl"] for r in records if r["data"] == data}
+        for method, base_label in (("linear", "linear (s=n/L)"), ("dynamic-ntk", "dynamic-ntk (s=1)")):
+            suffix = base_label.split(" ", 1)[1]
+            for n in sorted({length for _, length in ppl}):
+                if (base_label, n) not in ppl:
+                    continue
+                xs, ys = [0], [0.0]
+                for n_hat in N_HATS:
+                    value = ppl.get((f"{method} n_hat={n_hat} {suffix}", n))
+                    if value is not None:
+                        xs.append(n_hat)
+                        ys.append(100 * (value / ppl[(base_label, n)] - 1))
+                ax.plot(xs, ys, marker="o", linestyle="-" if method == "linear" else "--", label=f"{method} @ {n}")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xscale("symlog", linthresh=4)
+        ax.set_xticks([0] + list(N_HATS), [str(x) for x in (0, *N_HATS)])
+        ax.set_xlabel("n_hat (start tokens on the original frequencies)")
+        ax.set_ylabel("PPL change vs n_hat = 0 (%)")
+        ax.set_title(f"Keeping start tokens un-interpolated, {data}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-rope-256")
@@ -86,6 +123,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/rope_ppl.jsonl"))
     parser.add_argument("--table", type=Path, default=None, help="write the Markdown tables here too")
     parser.add_argument("--plot", type=Path, default=None, help="PNG: NLL by length per method")
+    parser.add_argument("--nhat-plot", type=Path, default=None, help="PNG: PPL change with n_hat vs n_hat = 0")
     args = parser.parse_args()
 
     import torch  # noqa: PLC0415
@@ -117,6 +155,8 @@ def main() -> None:
         atomic_write_text(args.table, text + "\n")
     if args.plot:
         plot(records, labels, args.plot)
+    if args.nhat_plot:
+        plot_n_hat(records, labels, args.nhat_plot)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ Training: 2 layers, d=128, 4 heads, SwiGLU 384, context 128, 500 steps x 16 sequ
 on the stdlib training files (4M characters, the reference BPE tokenizer); every encoding sees the same batches.
 Models go to `results/lab/models/<pe>` (not committed); a killed run resumes from its last checkpoint, and several
 runs may share the list (each skips a model another live process is training).
-Comparison: every model, plus log-n and local+log-n on RoPE and NoPE and blockwise attention on XPOS, on held-out
+Comparison: every model, plus log-n and local+log-n on RoPE and NoPE, blockwise attention on XPOS, and the
+sliding-window baseline of RoPE (the fluency reference at each length, since each length uses its own documents), on held-out
 stdlib files (and pg19-dev with --data), 8 documents per length; JSON lines in docs/results/lab_compare.jsonl,
-table docs/results/lab_compare.md, plot docs/figures/lab_compare.png.
+table docs/results/lab_compare.md, plots docs/figures/lab_compare.png and lab_nll_by_position.png.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "docs/results/lab_compare.jsonl")
     parser.add_argument("--table", type=Path, default=ROOT / "docs/results/lab_compare.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/figures/lab_compare.png")
+    parser.add_argument("--position-plot", type=Path, default=ROOT / "docs/figures/lab_nll_by_position.png")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,7 +51,8 @@ def main() -> None:
                               checkpoint_every=50, threads=args.threads)
             train(cfg, args.models / pe, cache_dir=args.models / "_data")
     compare(args.models, default_variants(args.models), [int(f) for f in args.factors.split(",")],
-            [d for d in args.data.split(",") if d], args.max_docs, args.results, args.table, args.plot)
+            [d for d in args.data.split(",") if d], args.max_docs, args.results, args.table, args.plot,
+            position_plot=args.position_plot)
     print(args.table.read_text())
 
 

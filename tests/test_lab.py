@@ -87,7 +87,7 @@ def test_relative_position_invariance(name):
 
 def test_sinusoidal_is_absolute():
     pe = encoding("sinusoidal")
-    table = pe.embed(torch.arange(3 * L))
+    table = pe.embed(torch.arange(3 * L)) / pe.config.scale
     assert table.shape == (3 * L, D_MODEL)
     # PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...)
     p, i = 7, 3
@@ -269,14 +269,20 @@ def test_compare_variants_table_and_plot(saved_lab, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no lab model 'rope'"):
         lab_compare.parse_variant("rope", root)
     variant = lab_compare.parse_variant("alibi+local", root)
-    assert variant.inference == {"local_window": L}
+    assert variant.inference == {"local_window": L} and variant.method == "vanilla"
+    assert lab_compare.parse_variant("alibi+sliding", root).method == "sliding-window"
+    with pytest.raises(ValueError, match="use it alone"):
+        lab_compare.parse_variant("alibi+sliding+logn", root)
     assert lab_compare.default_variants(root) == ["alibi"]
     docs = [Document("a", "The grass is green. The sky is blue. The pass key is 12345. " * 20)]
     monkeypatch.setattr("lengthwise.data.corpus.load_corpus", lambda name: docs)
     results = tmp_path / "r.jsonl"
-    records = lab_compare.compare(root, ["alibi", "alibi+logn"], [1, 2], ["toy"], 1, results, tmp_path / "t.md",
-                                  tmp_path / "p.png", progress=False)
-    assert len(records) == 4 and (tmp_path / "p.png").stat().st_size > 1000
+    records = lab_compare.compare(root, ["alibi", "alibi+logn", "alibi+sliding"], [1, 2], ["toy"], 1, results,
+                                  tmp_path / "t.md", tmp_path / "p.png", progress=False,
+                                  position_plot=tmp_path / "n.png")
+    assert len(records) == 6 and (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "n.png").exists()
+    assert records[4]["method"] == "sliding-window"
+    assert records[4]["metrics"]["nll"] == pytest.approx(records[0]["metrics"]["nll"], rel=1e-5)  # 1x: equal
     table = (tmp_path / "t.md").read_text()
     assert "| alibi+logn | - |" in table and f"{2 * L} (2x)" in table
     again = lab_compare.compare(root, ["alibi"], [1, 2], ["toy"], 1, results, progress=False)  # resumed

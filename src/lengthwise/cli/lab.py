@@ -75,9 +75,10 @@ def train_command(
 @lab_app.command("compare")
 def compare_command(
     models: Path = typer.Option(Path("results/lab/models"), help="root folder of trained lab models (one subfolder each)"),
-    variant: list[str] = typer.Option([], "--variant", help="MODEL[+logn|+local[=W]|+blockwise[=B]], repeatable; "
-                                                           "default: every model plus the inference tricks on "
-                                                           "rope, nope (logn, local) and xpos (blockwise)"),
+    variant: list[str] = typer.Option([], "--variant", help="MODEL[+logn|+local[=W]|+blockwise[=B]|+sliding], "
+                                                           "repeatable; default: every model plus the inference "
+                                                           "tricks on rope, nope (logn, local), xpos (blockwise) "
+                                                           "and the sliding-window baseline of rope"),
     factors: str = typer.Option("1,2,4,8,16", help="evaluation lengths as multiples of the training length"),
     data: list[str] = typer.Option(["stdlib"], "--data", help="corpus, repeatable (stdlib, pg19-dev, a path...)"),
     max_docs: int = typer.Option(8, help="documents per length"),
@@ -109,5 +110,5 @@ def compare_command(
 
         torch.set_num_threads(threads)
     compare(models, names, factor_list, data, max_docs, out / "results.jsonl", out / "table.md", out / "ppl.png",
-            progress=not quiet)
+            progress=not quiet, position_plot=out / "nll_by_position.png")
     typer.echo((out / "table.md").read_text())

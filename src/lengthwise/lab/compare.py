@@ -5,7 +5,9 @@ A *variant* is a model folder name under the models root plus optional inference
 - `logn`: log-n attention scaling in every layer (`InferenceOptions.logn`);
 - `local[=W]`: local attention over the last W keys (default: the training length) in every layer but the last,
   and a global last layer with log-n scaling (Su's hybrid);
-- `blockwise[=B]`: XPOS's blockwise causal attention (block B, default half the training length).
+- `blockwise[=B]`: XPOS's blockwise causal attention (block B, default half the training length);
+- `sliding`: not a trick but the reference: the `sliding-window` baseline (each token scored from the previous
+  training-length tokens, the model never leaves its training length), the fluency to match at every length.
 Every cell is scored by `lengthwise.eval.perplexity.perplexity` (method `vanilla`: one pass per document) and
 appended to a JSON-lines results file (resumable), then rendered as a Markdown table and a PNG plot.
 """
@@ -19,9 +21,9 @@ from pathlib import Path
 
 from lengthwise.lab.model import LAB_MARKER, load_lab_model
 
-TRICKS = ("logn", "local", "blockwise")
+TRICKS = ("logn", "local", "blockwise", "sliding")
 # the inference tricks worth showing by default, on the models where the survey proposes them
-DEFAULT_TRICKS = {"rope": ("logn", "local"), "nope": ("logn", "local"), "xpos": ("blockwise",)}
+DEFAULT_TRICKS = {"rope": ("logn", "local", "sliding"), "nope": ("logn", "local"), "xpos": ("blockwise",)}
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Variant:
     model: str  # folder name under the models root
     folder: Path
     inference: dict  # InferenceOptions fields
+    method: str = "vanilla"  # the perplexity method: vanilla (one pass) or sliding-window
 
 
 def model_folders(root: str | Path) -> list[str]:
@@ -46,15 +49,20 @@ def parse_variant(text: str, root: str | Path) -> Variant:
         raise ValueError(f"variant {text!r}: no lab model {model!r} under {root}; "
                          f"available: {', '.join(model_folders(root)) or 'none'}")
     inference: dict = {}
+    method = "vanilla"
     for trick in tricks:
         name, _, value = trick.partition("=")
         if name not in TRICKS:
             raise ValueError(f"variant {text!r}: unknown trick {name!r}; accepted: {', '.join(TRICKS)}")
         if value and not value.isdigit():
             raise ValueError(f"variant {text!r}: {name}={value!r} must be a positive integer")
-        if name == "logn":
-            if value:
-                raise ValueError(f"variant {text!r}: logn takes no value")
+        if name in ("logn", "sliding") and value:
+            raise ValueError(f"variant {text!r}: {name} takes no value")
+        if name == "sliding":
+            if len(tricks) > 1:
+                raise ValueError(f"variant {text!r}: sliding is the baseline of the plain model; use it alone")
+            method = "sliding-window"
+        elif name == "logn":
             inference["logn"] = True
         elif name == "local":
             inference["local_window"] = int(value) if value else _train_length(folder)
@@ -62,7 +70,7 @@ def parse_variant(text: str, root: str | Path) -> Variant:
             inference["blockwise"] = True
             if value:
                 inference["block"] = int(value)
-    return Variant(text, model, folder, inference)
+    return Variant(text, model, folder, inference, method)
 
 
 def _train_length(folder: Path) -> int:
@@ -78,8 +86,9 @@ def default_variants(root: str | Path) -> list[str]:
 
 def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], data: Sequence[str],
             max_docs: int, results: str | Path, table: str | Path | None = None, plot: str | Path | None = None,
-            progress: bool = True) -> list[dict]:
-    """Score every (variant, data, factor) cell (skipping cells already in `results`); write table and plot."""
+            progress: bool = True, position_plot: str | Path | None = None) -> list[dict]:
+    """Score every (variant, data, factor) cell (skipping cells already in `results`); write the table, the plot
+    and (with `position_plot`) the NLL by position at the longest length."""
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
     from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
     from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
@@ -95,7 +104,7 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
         model, tokenizer = load_lab_model(variant.folder, **variant.inference)
         length = model.config.max_position_embeddings
         for name, documents in corpora.items():
-            records += perplexity(model, tokenizer, documents, [f * length for f in factors], ["vanilla"],
+            records += perplexity(model, tokenizer, documents, [f * length for f in factors], [variant.method],
                                   max_docs=max_docs, results=store, model_name=f"lab:{variant.name}",
                                   data_name=name, progress=progress)
     for record in records:  # the factor, for tables and plots (stored records are returned as stored)
@@ -104,6 +113,13 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
         atomic_write_text(table, comparison_table(records, root) + "\n")
     if plot:
         plot_comparison(records, plot)
+    if position_plot:
+        from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
+
+        longest = max(r["length"] for r in records)
+        plot_nll_by_position([{**r, "method": r["model"].removeprefix("lab:")} for r in records
+                              if r["length"] == longest], position_plot,
+                             title=f"lab models: NLL by position at {longest} tokens")
     return records
 
 

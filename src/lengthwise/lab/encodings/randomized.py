@@ -11,7 +11,7 @@ import torch
 
 from lengthwise.lab.encodings.base import PositionEncoding
 from lengthwise.lab.encodings.rope import apply_rotary, rope_angles
-from lengthwise.lab.encodings.sinusoidal import sinusoid_table
+from lengthwise.lab.encodings.sinusoidal import SinusoidalConfig, sinusoid_table
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Randomized(PositionEncoding):
     def embed(self, positions):
         if self.config.underlying != "sinusoidal":
             return None
-        return sinusoid_table(positions, self.d_model, self.config.base)
+        return sinusoid_table(positions, self.d_model, self.config.base) * SinusoidalConfig().scale  # as `sinusoidal`
 
     def rotate(self, x, positions, is_query):
         if self.config.underlying != "rope":

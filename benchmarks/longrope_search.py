@@ -51,7 +51,11 @@ def main() -> None:
     ap.add_argument("--ray-only", action="store_true", help="only the Ray timing run (needs the serial run done)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results/longrope-search"))
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the figure from OUT/summary.json")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((args.out / "summary.json").read_text()), args.out)
+        return
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
@@ -161,7 +165,7 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for key in summary:
         log = out / key / "generations.jsonl"
         if "ray" in key or not log.exists():
@@ -172,6 +176,15 @@ def plot(summary: dict, out: Path) -> None:
         axes[0].plot([r["generation"] for r in rows], [r["mean"] for r in rows], ls="--", color=line.get_color(),
                      label=f"{key} mean")
         axes[1].plot(range(len(summary[key]["long_factors"])), summary[key]["long_factors"], marker=".", label=key)
+    scales = [k for k in summary if "held_out_ppl" in summary[k]]
+    names = list(dict.fromkeys(n for k in scales for n in summary[k]["held_out_ppl"] if n != "vanilla"))
+    width = 0.8 / max(1, len(scales))
+    for j, key in enumerate(scales):
+        values = [summary[key]["held_out_ppl"].get(n, float("nan")) for n in names]
+        bars = axes[2].bar([i + j * width for i in range(len(names))], values, width, label=f"{key} ({summary[key]['target_length']} tokens)")
+        axes[2].bar_label(bars, fmt="%.1f", fontsize=6)
+    axes[2].set_xticks([i + width * (len(scales) - 1) / 2 for i in range(len(names))], names, rotation=25, ha="right", fontsize=7)
+    axes[2].set(ylabel="PPL (held-out pg19-dev)", title="held-out perplexity at L·s")
     axes[0].set(xlabel="generation", ylabel="fitness PPL (search docs)", title="search progress", yscale="log")
     axes[1].set(xlabel="rotary pair i", ylabel="λ_i", title="searched long factors", yscale="log")
     for ax in axes:

@@ -100,6 +100,8 @@ def test_passkey_bad_input_is_named_before_any_work():
         passkey(model, tokenizer, [120], [0], ["nosuch"], progress=False)
     with pytest.raises(ValueError, match=r"passkey length 10 is too short"):
         passkey(model, tokenizer, [10], [0], ["vanilla"], progress=False)
+    with pytest.raises(ValueError, match=r"passkey prompt needs at least 111 tokens, asked for 100"):
+        passkey(model, tokenizer, [100, 200], [0], ["vanilla"], progress=False)  # before the 200-token cells run
     with pytest.raises(ValueError, match=r"no option 'scale'"):
         check_specs(["yarn:scale={s}"])
     with pytest.raises(ValueError, match=r"trials must be >= 1"):

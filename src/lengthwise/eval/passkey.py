@@ -92,6 +92,7 @@ def passkey(
     check_depths(depths)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    make_passkey_prompt(tokenizer, min(lengths), 0.0, trial_key(seed, 0, 0, 0))  # too short for this tokenizer: fail now
     results = results or ResultsFile(None)
     info = model_info(model)
     cells = [(m, n, d) for n in lengths for m in methods for d in depths]  # short lengths first, every method

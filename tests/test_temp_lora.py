@@ -246,3 +246,18 @@ def test_bucket_nll_pools_sums_and_counts():
     nll = torch.ones(3000)
     buckets = bucket_nll(nll, edges=(0, 1024, 2048))
     assert buckets == {"0-1k": (1023.0, 1023), "1k-2k": (1024.0, 1024), "2k+": (953.0, 953)}
+
+
+def test_pooled_buckets_are_in_position_order_after_a_json_round_trip():
+    import json
+
+    from lengthwise.temp_lora.buckets import bucket_start
+    from lengthwise.temp_lora.evaluate import pool
+
+    buckets = bucket_nll(torch.ones(20000), edges=(0, 1024, 2048, 16384))
+    cost = {"seconds": {"score": 1.0}, "flops": {"score": 1.0}}
+    record = {"metrics": {"nll_sum": 19999.0, "tokens": 19999, "buckets": buckets, "cost": cost}}
+    resumed = json.loads(json.dumps(record, sort_keys=True))  # results files store keys sorted: "16k+" < "1k-2k"
+    assert list(resumed["metrics"]["buckets"]) != list(buckets)
+    assert list(pool([resumed])["buckets"]) == list(buckets) == ["0-1k", "1k-2k", "2k-16k", "16k+"]
+    assert [bucket_start(k) for k in buckets] == [0, 1024, 2048, 16384] and bucket_start("256-512") == 256

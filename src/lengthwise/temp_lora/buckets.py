@@ -14,6 +14,12 @@ def bucket_label(lo: int, hi: int | None) -> str:
     return f"{k(lo)}-{k(hi)}" if hi is not None else f"{k(lo)}+"
 
 
+def bucket_start(label: str) -> int:
+    """Lower edge (tokens) of a `bucket_label`: sorts labels read back from JSON (keys sorted as strings)."""
+    head = label.split("-")[0].rstrip("+")
+    return int(head[:-1]) * 1024 if head.endswith("k") else int(head)
+
+
 def bucket_nll(nll: torch.Tensor, edges=DEFAULT_EDGES) -> dict[str, tuple[float, int]]:
     """(sum of NLL, count) per bucket. nll: (N-1,) for target positions 1..N-1 of one document.
 

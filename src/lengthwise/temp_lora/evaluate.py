@@ -14,7 +14,7 @@ import torch
 
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.progress import progress_bar
-from lengthwise.temp_lora.buckets import DEFAULT_EDGES, bucket_nll
+from lengthwise.temp_lora.buckets import DEFAULT_EDGES, bucket_nll, bucket_start
 from lengthwise.temp_lora.config import TempLoraConfig
 from lengthwise.temp_lora.session import TempLoraSession
 
@@ -85,7 +85,8 @@ def pool(records: Sequence[dict]) -> dict:
         "ppl": math.exp(nll_sum / tokens),
         "tokens": tokens,
         "docs": len(records),
-        "buckets": {k: {"ppl": math.exp(s / c), "tokens": c} for k, (s, c) in buckets.items()},
+        "buckets": {k: {"ppl": math.exp(s / c), "tokens": c}
+                    for k, (s, c) in sorted(buckets.items(), key=lambda kv: bucket_start(kv[0]))},
         "ms_per_token": 1000.0 * seconds / tokens,
         "flops_per_token": flops / tokens,
     }

@@ -76,6 +76,5 @@ def test_rope_methods_compose_with_lm_infinite():
     # per-position frequencies (n_hat) cannot follow lm-infinite's re-rotation: refused in either order
     with pytest.raises(ValueError, match="cannot be combined with attention implementation"):
         api.patch(model, ["lm-infinite", "linear:n_hat=4"])
-    with pytest.raises(ValueError, match="cannot be combined with attention implementation"):
-        with api.patch(model, ["linear:n_hat=4", "lm-infinite"]):
-            model(ids)  # this order is caught at the first forward, before any layer runs
+    with pytest.raises(ValueError, match="cannot follow 'linear' with per-position"):
+        api.patch(model, ["linear:n_hat=4", "lm-infinite"])  # this order is refused at patch time too

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # What part of the model a method changes. Two methods with the same role cannot be stacked.
+# phrased to follow "both ..." and "methods that ..." in the combination errors
 ROLES = {
-    "none": "changes nothing (reference)",
+    "none": "change nothing (reference)",
     "scoring": "an evaluation strategy, not a patch (the model itself is unchanged)",
-    "rope": "rescales the rotary frequencies",
-    "attention": "replaces the attention pattern and the KV cache",
-    "query-scale": "scales the queries by position",
-    "adapter": "trains weights at inference time",
+    "rope": "rescale the rotary frequencies",
+    "attention": "replace the attention pattern and the KV cache",
+    "query-scale": "scale the queries by position",
+    "adapter": "train weights at inference time",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lengthwise.registry import method_names, parse_method_spec
+from lengthwise.registry import check_combination, get_method, method_names, parse_method_spec
 
 app = typer.Typer(
     help="lengthwise: run pretrained causal LMs far beyond their training context, and measure how well it works.",
@@ -30,8 +30,11 @@ def parse_int_list(text: str, what: str = "lengths") -> list[int]:
 
 def check_methods(methods: list[str]) -> list[str]:
     for spec in methods:
-        try:
-            parse_method_spec(spec)
+        try:  # names, option values and combinations, before any model or data is loaded
+            parts = parse_method_spec(spec)
+            check_combination([name for name, _ in parts])
+            for name, options in parts:
+                get_method(name).make_config(**options)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
     return methods

@@ -3,7 +3,8 @@
 A cell: a random prompt of n tokens (fixed by the seed) is prefilled through the method's own KV cache
 (`handle.new_cache()`, else a `DynamicCache`), then `decode_steps` greedy tokens are decoded one at a time.
 Reported: prefill seconds, per-token decode seconds (median of the steps), peak memory above the level before the
-cell (CUDA: `max_memory_allocated`; CPU: the resident-set high-water mark, reset through /proc/self/clear_refs),
+cell (CUDA: `max_memory_allocated`; CPU: the resident-set high-water mark, reset through /proc/self/clear_refs,
+after freed heap pages are handed back with glibc's malloc_trim),
 and the KV-cache bytes after the last decode step. The sliding-window baseline has no cache: its prefill runs the model over
 the last `window` tokens and every decode step recomputes that window (what its generation pays).
 Generic over registered methods and models; the LM-Infinite-specific study is benchmarks/lm_infinite_speed.py.
@@ -58,6 +59,18 @@ def _rss_kib(key: str) -> float:
     return float("nan")
 
 
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc `malloc_trim`), so the RSS high-water mark measures the next cell."""
+    import ctypes  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak may then be under-counted (memory reused from earlier cells)
+
+
 class PeakMemory:
     """Peak bytes allocated above the level at entry: CUDA allocator stats, or the process RSS high-water mark."""
 
@@ -72,6 +85,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_memory()  # else memory freed by earlier cells, still mapped, hides this cell's peak
             try:  # writing 5 resets VmHWM to the current RSS (Linux >= 4.0)
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:

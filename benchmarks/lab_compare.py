@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--variant", nargs="*", default=None,
+                        help="variants to score (default: every trained model and its default tricks); several runs "
+                             "with disjoint variants may append to one results file, a last default run renders all")
     parser.add_argument("--data", default="stdlib", help="comma-separated evaluation corpora")
     parser.add_argument("--factors", default="1,2,4,8,16")
     parser.add_argument("--max-docs", type=int, default=8)
@@ -50,7 +53,7 @@ def main() -> None:
                               steps=args.steps, batch=16, lr=2e-3, seed=0, max_chars=4_000_000,
                               checkpoint_every=50, threads=args.threads)
             train(cfg, args.models / pe, cache_dir=args.models / "_data")
-    compare(args.models, default_variants(args.models), [int(f) for f in args.factors.split(",")],
+    compare(args.models, args.variant or default_variants(args.models), [int(f) for f in args.factors.split(",")],
             [d for d in args.data.split(",") if d], args.max_docs, args.results, args.table, args.plot,
             position_plot=args.position_plot)
     print(args.table.read_text())

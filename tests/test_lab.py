@@ -273,7 +273,7 @@ def test_compare_variants_table_and_plot(saved_lab, tmp_path, monkeypatch):
     assert lab_compare.parse_variant("alibi+sliding", root).method == "sliding-window"
     with pytest.raises(ValueError, match="use it alone"):
         lab_compare.parse_variant("alibi+sliding+logn", root)
-    assert lab_compare.default_variants(root) == ["alibi"]
+    assert lab_compare.default_variants(root) == ["alibi", "alibi+sliding"]
     docs = [Document("a", "The grass is green. The sky is blue. The pass key is 12345. " * 20)]
     monkeypatch.setattr("lengthwise.data.corpus.load_corpus", lambda name: docs)
     results = tmp_path / "r.jsonl"

@@ -23,7 +23,7 @@ from lengthwise.lab.model import LAB_MARKER, load_lab_model
 
 TRICKS = ("logn", "local", "blockwise", "sliding")
 # the inference tricks worth showing by default, on the models where the survey proposes them
-DEFAULT_TRICKS = {"rope": ("logn", "local", "sliding"), "nope": ("logn", "local"), "xpos": ("blockwise",)}
+DEFAULT_TRICKS = {"rope": ("logn", "local"), "nope": ("logn", "local"), "xpos": ("blockwise",)}
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ def _train_length(folder: Path) -> int:
 
 
 def default_variants(root: str | Path) -> list[str]:
-    """Every model, plus the tricks of `DEFAULT_TRICKS` on the models that exist."""
-    names = model_folders(root)
-    extra = [f"{m}+{t}" for m in names for t in DEFAULT_TRICKS.get(m, ())]
-    return names + extra
+    """Every model, the tricks of `DEFAULT_TRICKS` on the models that exist, and every model's sliding-window
+    reference (each length scores its own documents, so a model is judged against its own reference)."""
+    return [v for m in model_folders(root) for v in [m, *(f"{m}+{t}" for t in DEFAULT_TRICKS.get(m, ())),
+                                                      f"{m}+sliding"]]
 
 
 def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], data: Sequence[str],
@@ -125,7 +125,9 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
 
 def comparison_table(records: list[dict], root: str | Path | None = None) -> str:
     """One Markdown table per data set: variant rows, PPL at each length (factor x training length) columns,
-    plus the final training loss of the model when its `training.json` is found under `root`."""
+    plus the final training loss of the model when its `training.json` is found under `root`, and, at the longest
+    length, PPL / PPL of the model's own sliding-window reference (1.00: no loss from the long context; > 1: the
+    model does worse with the whole input than with its last training-length tokens)."""
     from lengthwise.report.tables import markdown_table, pivot  # noqa: PLC0415
 
     blocks = []
@@ -134,11 +136,15 @@ def comparison_table(records: list[dict], root: str | Path | None = None) -> str
         rows, columns, cells = pivot(group, "model", "length", lambda r: r["metrics"]["ppl"])
         train_length = group[0]["pretrain_length"]
         header = [f"variant ({data})", "train loss"] + [f"{c} ({c // train_length}x)" for c in columns]
+        header.append(f"{columns[-1]}: / sliding")
         body = []
         for row in rows:
             variant = row.removeprefix("lab:")
+            reference = cells.get((f"lab:{variant.split('+')[0]}+sliding", columns[-1]))
+            value = cells.get((row, columns[-1]))
+            ratio = f"{value / reference:.2f}" if reference and value and not variant.endswith("+sliding") else "-"
             body.append([variant, _train_loss(root, variant.split("+")[0])] +
-                        [f"{cells[(row, c)]:.2f}" if (row, c) in cells else "-" for c in columns])
+                        [f"{cells[(row, c)]:.2f}" if (row, c) in cells else "-" for c in columns] + [ratio])
         blocks.append(markdown_table(header, body))
     return "\n\n".join(blocks)
 
@@ -151,25 +157,49 @@ def _train_loss(root, model: str) -> str:
 
 
 def plot_comparison(records: list[dict], path: str | Path) -> None:
-    """PPL (log scale) vs evaluation length, one line per variant, one panel per data set."""
+    """Per data set, two panels. Left: PPL (log scale) vs evaluation length of the plain models. Right: PPL divided
+    by the model's own sliding-window PPL at the same length, for every variant whose model has that reference:
+    each length uses its own documents, and the ratio removes that, leaving what the long input costs (1 = nothing).
+    One colour per model; its tricks are dashed / dotted."""
     from lengthwise.report.plots import _pyplot, save_figure  # noqa: PLC0415
 
     plt = _pyplot()
     datas = list(dict.fromkeys(r["data"] for r in records))
-    fig, axes = plt.subplots(1, len(datas), figsize=(6.5 * len(datas), 4.8), squeeze=False)
-    for ax, data in zip(axes[0], datas):
+    fig, axes = plt.subplots(len(datas), 2, figsize=(13, 5 * len(datas)), squeeze=False)
+    for (raw_ax, ratio_ax), data in zip(axes, datas):
         group = [r for r in records if r["data"] == data]
-        for model in dict.fromkeys(r["model"] for r in group):
-            points = sorted((r["length"], r["metrics"]["ppl"]) for r in group if r["model"] == model)
-            variant = model.removeprefix("lab:")
-            style = "--" if "+" in variant else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", ms=3, label=variant)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.axvline(group[0]["pretrain_length"], color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("evaluation length (tokens); dotted: training length")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"lab models on {data}")
-        ax.legend(fontsize=7, ncol=2)
+        ppl = {(r["model"].removeprefix("lab:"), r["length"]): r["metrics"]["ppl"] for r in group}
+        variants = list(dict.fromkeys(r["model"].removeprefix("lab:") for r in group))
+        models = list(dict.fromkeys(v.split("+")[0] for v in variants))
+        colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+        for variant in variants:
+            model, tricks = variant.split("+")[0], variant.split("+")[1:]
+            lengths = sorted(n for v, n in ppl if v == variant)
+            if "sliding" in tricks:
+                continue
+            style = "-"
+            if tricks:
+                style = "--" if tricks[0].startswith(("logn", "blockwise")) else ":"
+            else:
+                raw_ax.plot(lengths, [ppl[(variant, n)] for n in lengths], "-", marker="o", ms=3,
+                            color=colours[model], label=variant)
+            ref = [(n, ppl[(variant, n)] / ppl[(f"{model}+sliding", n)]) for n in lengths
+                   if (f"{model}+sliding", n) in ppl]
+            if ref:
+                ratio_ax.plot([n for n, _ in ref], [v for _, v in ref], style, marker="o", ms=3,
+                              color=colours[model], label=variant)
+        train_length = group[0]["pretrain_length"]
+        for ax in (raw_ax, ratio_ax):
+            ax.set_xscale("log", base=2)
+            ax.axvline(train_length, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("evaluation length (tokens); dotted: training length")
+            ax.legend(fontsize=7, ncol=2)
+            ax.grid(alpha=0.3)
+        raw_ax.set_yscale("log")
+        raw_ax.set_ylabel("perplexity (each length: its own documents)")
+        raw_ax.set_title(f"lab models on {data}")
+        ratio_ax.axhline(1.0, color="black", lw=0.8)
+        ratio_ax.set_ylabel("PPL / PPL of the model's own sliding window")
+        ratio_ax.set_title(f"cost of the long input on {data} (1 = none; dashed: logn/blockwise, dotted: local)")
     fig.tight_layout()
     save_figure(fig, path)

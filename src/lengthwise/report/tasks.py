@@ -89,9 +89,10 @@ def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
     depths = sorted({r["depth"] for r in rows})
     columns = min(3, len(methods))
     lines = -(-len(methods) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 2.9 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.8 * columns, 3.1 * lines), squeeze=False,
+                             constrained_layout=True)
     image = None
-    for ax, method in zip(axes.flat, methods):
+    for index, (ax, method) in enumerate(zip(axes.flat, methods)):
         cells = {(r["depth"], r["length"]): r["metrics"]["accuracy"] for r in rows if r["method"] == method}
         grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
@@ -102,8 +103,10 @@ def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
         ax.set_title(method, fontsize=9)
-        ax.set_xlabel("length (tokens)", fontsize=8)
-        ax.set_ylabel("needle depth", fontsize=8)
+        if index // columns == lines - 1 or index + columns >= len(methods):  # bottom panel of its column
+            ax.set_xlabel("length (tokens)", fontsize=8)
+        if index % columns == 0:
+            ax.set_ylabel("needle depth", fontsize=8)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
     fig.suptitle(f"passkey accuracy, {model}", fontsize=10)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lengthwise.lab.compare import compare, default_variants
+from lengthwise.lab.compare import compare, default_variants, render
 from lengthwise.lab.encodings import ENCODINGS
 from lengthwise.lab.train import TrainConfig, train
 
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only redraw the table and plot from the results file (no scoring)")
     parser.add_argument("--variant", nargs="*", default=None,
                         help="variants to score (default: every trained model and its default tricks); several runs "
                              "with disjoint variants may append to one results file, a last default run renders all")
@@ -47,6 +49,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.render_only:
+        render(args.results, args.models, args.variant or default_variants(args.models),
+               [d for d in args.data.split(",") if d], args.table, args.plot)
+        print(args.table.read_text())
+        return
     if not args.skip_train:
         for pe in args.pe:
             cfg = TrainConfig(pe=pe, data="stdlib", context=args.context, d_model=128, layers=2, heads=4, ffn=384,

@@ -123,6 +123,23 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
     return records
 
 
+def render(results: str | Path, root: str | Path, variants: Sequence[str], data: Sequence[str],
+           table: str | Path, plot: str | Path) -> list[dict]:
+    """Table and plot from the stored records of `variants` on `data` (no scoring), in the variants' order."""
+    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
+    from lengthwise.io import atomic_write_text  # noqa: PLC0415
+
+    order = {f"lab:{v}": i for i, v in enumerate(variants)}
+    records = [r for r in ResultsFile(results).records
+               if r.get("task") == "ppl" and r["model"] in order and r["data"] in data]
+    records.sort(key=lambda r: (list(data).index(r["data"]), order[r["model"]], r["length"]))
+    if not records:
+        raise ValueError(f"no stored records of {list(variants)} on {list(data)} in {results}")
+    atomic_write_text(table, comparison_table(records, root) + "\n")
+    plot_comparison(records, plot)
+    return records
+
+
 def comparison_table(records: list[dict], root: str | Path | None = None) -> str:
     """One Markdown table per data set: variant rows, PPL at each length (factor x training length) columns,
     plus the final training loss of the model when its `training.json` is found under `root`, and, at the longest

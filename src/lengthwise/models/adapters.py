@@ -43,20 +43,26 @@ def _mask2d(mask):
     return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
+def _cache_and_attend(module, query, key, value, cache, attention_mask, scale) -> torch.Tensor:
+    """ALiBi families: append the new keys to the cache, then Λ attention. q/k/v (B, H, T, D) -> context (B, H, T, D)."""
+    T = query.shape[-2]
+    past_seen = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx)
+    mask2d = _mask2d(attention_mask)
+    q_pos = _positions(mask2d, past_seen, T, query.device)
+    state = module.__dict__["_lengthwise_lambda"]
+    state.cache = cache
+    return attend(state, module, query, key, value, mask2d, q_pos, scale)
+
+
 def bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                   output_attentions=False, **kwargs):
     from transformers.models.bloom.modeling_bloom import dropout_add  # noqa: PLC0415
 
     B, T, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 x (B, H, T, D)
-    past_seen = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
-    if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
-    mask2d = _mask2d(attention_mask)
-    q_pos = _positions(mask2d, past_seen, T, hidden_states.device)
-    state = self.__dict__["_lengthwise_lambda"]
-    state.cache = layer_past
-    context = attend(state, self, query, key, value, mask2d, q_pos, self.inv_norm_factor)  # (B, H, T, D)
+    context = _cache_and_attend(self, query, key, value, layer_past, attention_mask, self.inv_norm_factor)
     context = context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
     output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
     return output, None
@@ -68,14 +74,7 @@ def mpt_forward(self, hidden_states, position_bias=None, past_key_values=None, a
     if self.clip_qkv:
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     query, key, value = (x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
-    past_seen = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-    mask2d = _mask2d(attention_mask)
-    q_pos = _positions(mask2d, past_seen, T, hidden_states.device)
-    state = self.__dict__["_lengthwise_lambda"]
-    state.cache = past_key_values
-    context = attend(state, self, query, key, value, mask2d, q_pos, self.softmax_scale)
+    context = _cache_and_attend(self, query, key, value, past_key_values, attention_mask, self.softmax_scale)
     context = context.transpose(1, 2).reshape(B, T, -1)
     return self.out_proj(context), None
 

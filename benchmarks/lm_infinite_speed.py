@@ -41,13 +41,17 @@ def bench_model(args):
     return LlamaForCausalLM(config).to(args.dtype).eval()
 
 
-def timed(fn, repeat: int = 1) -> float:
-    fn()  # warm-up (allocations, kernel selection)
-    best = float("inf")
+def timed(*fns, repeat: int = 1) -> list[float]:
+    """Best of `repeat` wall times of each function, the functions taking turns so that a slow spell of a shared
+    machine falls on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up (allocations, kernel selection)
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -147,6 +151,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=10)
+    parser.add_argument("--kernel-repeat", type=int, default=3,
+                        help="kernel timings: best of this many turns, dense and Λ alternating")
     parser.add_argument("--device", default="cpu", choices=["cpu"],
                         help="only the CPU path exists (peak memory is read from /proc/self/status)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -166,7 +172,7 @@ def main() -> None:
     # the sliding-window baseline: every generated token recomputes the model over the last n_local tokens
     window_ids = torch.randint(1, 100, (1, args.n_local))
     with torch.no_grad():
-        sliding_token = timed(lambda: model(input_ids=window_ids, use_cache=False, logits_to_keep=1))
+        sliding_token, = timed(lambda: model(input_ids=window_ids, use_cache=False, logits_to_keep=1))
     for n in [int(x) for x in args.lengths.split(",")]:
         row = {"length": n, "bound": bounds(args, n)}
         skip_dense = args.skip_dense_above and n > args.skip_dense_above
@@ -174,10 +180,12 @@ def main() -> None:
         q, k, v = (torch.randn(1, args.heads, n, head_dim, generator=g).to(args.dtype) for _ in range(3))
         pos = torch.arange(n)[None]
         with torch.no_grad():
+            kernels = {"lambda": lambda: lambda_attention_blocked(q, k, v, pos, pos, None, pattern, encoding,
+                                                                  head_dim**-0.5, block=args.block)}
             if not skip_dense:
-                row["kernel_dense_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            row["kernel_lambda_s"] = timed(lambda: lambda_attention_blocked(q, k, v, pos, pos, None, pattern, encoding,
-                                                                            head_dim**-0.5, block=args.block))
+                kernels["dense"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            for name, seconds in zip(kernels, timed(*kernels.values(), repeat=args.kernel_repeat)):
+                row[f"kernel_{name}_s"] = seconds
             del q, k, v
             ids = torch.randint(1, 100, (1, n))
             if not skip_dense:

@@ -52,6 +52,27 @@ def test_blocked_kernel_matches_eager_reference(encoding, pattern, pad):
         torch.testing.assert_close(fast.transpose(1, 2)[real], ref.transpose(1, 2)[real], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block,run", [(16, 1), (16, 3), (8, 4)])
+def test_batched_interior_blocks_match_eager_reference(block, run):
+    """Long unpadded input: many interior blocks, batched `run` at a time (GQA, and a chunk through a cache)."""
+    q, k, v = _qkv(T=300)
+    pos = torch.arange(300)[None].repeat(2, 1)
+    for pattern in (LambdaPattern(4, 64, 96), LambdaPattern(4, 40, 59, "self")):
+        for tq in (300, 100):
+            args = (q[:, :, -tq:], k, v, pos[:, -tq:], pos, None, pattern, ENCODINGS["rope-half"], 0.3)
+            fast = lambda_attention_blocked(*args, block=block, run=run)
+            torch.testing.assert_close(fast, lambda_attention_reference(*args), atol=2e-5, rtol=1e-4)
+
+
+def test_queries_that_are_all_global_keys():
+    """No band at all (every key is a global key): the kernel must not call the fused kernel on empty ranges."""
+    q, k, v = _qkv(T=5)
+    pos = torch.arange(5)[None].repeat(2, 1)
+    args = (q, k, v, pos, pos, None, LambdaPattern(8, 20, 32), ENCODINGS["rope-half"], 0.3)
+    torch.testing.assert_close(lambda_attention_blocked(*args), lambda_attention_reference(*args), atol=2e-5,
+                               rtol=1e-4)
+
+
 def test_distance_limit_scores_equal_capped_positions():
     """A global key beyond the limit scores exactly as if it sat at distance `limit` (built from raw vectors)."""
     g = torch.Generator().manual_seed(1)

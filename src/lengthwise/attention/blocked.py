@@ -1,14 +1,14 @@
 """The fast Λ attention: O(n) time and memory, never a Tq x Tk tensor.
 
-Queries are processed in blocks of `block` rows. For a block, the keys split in two disjoint index ranges:
+Queries are processed in blocks of `block` rows. For a block, the keys split into disjoint index ranges, each
+attended with the fused kernel that also returns the log-sum-exp of its scores (`attend_with_lse`); the parts are
+then merged exactly by their log-sum-exps (`merge_softmax_parts`):
 - global candidates [0, G): every key index up to the last global key of any batch row (G = n_global without
-  left padding). Scored by hand (Bq x G, tiny), with the distance limit; gives a per-query log-sum-exp and output.
-- the band [max(G, first - n_local + 1), last]: the local window of the block, scored by one fused
-  `scaled_dot_product_attention` call with a (Bq x band) mask.
-The two softmax pieces are merged exactly through one extra "sentinel" key in the SDPA call: head dim D+1, the
-query's extra coordinate is lse_global / scale and the sentinel key is (0, ..., 0, 1), so its score is lse_global;
-its value is (0, ..., 0, 1), so the extra output coordinate is the weight the global part gets. The result is
-  out = sdpa[..., :D] + sdpa[..., D:] * out_global.
+  left padding). Scored by hand for all queries at once (Tq x G, tiny), with the distance limit.
+- the band [max(G, first - n_local + 1), last]: the local window of the block (`band_pieces`). Without padding or
+  per-head biases it splits into a thin masked strip, a part every query of the block sees (no mask) and the
+  block's own keys (a causal square), so nearly all scores take the kernel's unmasked fast path; otherwise the band
+  is one range with an explicit (Bq x band) mask.
 Band index ranges assume keys sorted by position with a contiguous tail (true for full caches and for the bounded
 cache, which keeps the first G keys and a contiguous tail of the last n_local).
 """
@@ -16,7 +16,6 @@ cache, which keeps the first G keys and a contiguous tail of the last n_local).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads
 
@@ -31,8 +30,8 @@ def global_candidates(k_pos: torch.Tensor, k_valid: torch.Tensor | None, n_globa
 
 
 def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding, scale):
-    """Scores of a query block against the G global candidates. Returns lse (B, H, Bq) and out (B, H, Bq, D)."""
-    scores = (qb @ kg.transpose(-1, -2)) * scale  # (B, H, Bq, G)
+    """Scores of a query block against the G global candidates. Returns out (B, H, Bq, D) and lse (B, H, Bq)."""
+    scores = (qb @ kg.transpose(-1, -2)).float() * scale  # (B, H, Bq, G); float32 like the fused kernel's lse
     d = pb[:, None, :, None] - kpos_g[:, None, None, :]  # (B, 1, Bq, G)
     is_global = (kpos_g < pattern.n_global)[:, None, None, :]
     local = (d >= 0) & (d < pattern.n_local)
@@ -44,7 +43,7 @@ def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding,
         limited = visible & is_global & ~local & (d > cap)
     if isinstance(encoding, RopeEncoding) and pattern.limit is not None:
         q_lim = encoding.limited_query(qb, pb, pattern)
-        scores = torch.where(limited, (q_lim @ kg_anchor.transpose(-1, -2)) * scale, scores)
+        scores = torch.where(limited, (q_lim @ kg_anchor.transpose(-1, -2)).float() * scale, scores)
     elif isinstance(encoding, AlibiEncoding):
         dist = d.to(scores.dtype)
         if pattern.limit is not None:
@@ -53,7 +52,7 @@ def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding,
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Bq); -inf where nothing is visible
     probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0)
-    return lse, probs @ vg
+    return probs.to(vg.dtype) @ vg, lse
 
 
 def _band_mask(pb, kpos_band, kvalid_band, n_local, slopes, dtype):
@@ -69,82 +68,130 @@ def _band_mask(pb, kpos_band, kvalid_band, n_local, slopes, dtype):
     return mask
 
 
-NO_GLOBAL = -1e9  # score of the sentinel when a query sees no global key: exp() of it is exactly 0
+def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False):
+    """Softmax attention of q (B, H, Tq, D) over k/v (B, Hk, Tk, D) that also returns the log-sum-exp of the scores,
+    so that attention over disjoint key sets can be merged exactly. mask: additive (B or 1, H or 1, Tq, Tk) or None;
+    causal: square top-left causal. Returns out (B, H, Tq, D) and lse (B, H, Tq) in float32, -inf where a query
+    sees no key (its out is 0)."""
+    if q.device.type == "cpu":
+        # PyTorch's fused CPU flash kernel (the one F.scaled_dot_product_attention runs) returns the lse as well.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, is_causal=causal, attn_mask=mask, scale=scale)
+        if mask is not None:  # the kernel reports lse 0 for a query whose row is fully masked
+            lse = lse.masked_fill(~torch.isfinite(mask).any(-1), float("-inf"))
+        return out, lse
+    # Portable fallback (GPU): explicit scores for this block only, so memory stays O(block x band).
+    heads = q.shape[1]
+    scores = (q @ expand_heads(k, heads).transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores + mask
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0)
+    return (probs.to(v.dtype) @ expand_heads(v, heads)), lse
+
+
+def merge_softmax_parts(parts):
+    """Exact softmax over the union of disjoint key sets from [(out (B, H, Tq, D), lse (B, H, Tq)), ...]."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])  # (P, B, H, Tq)
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total.nan_to_num(0.0, neginf=0.0)).nan_to_num(0.0)  # a query seeing nothing -> 0
+    merged = parts[0][0] * weights[0, ..., None].to(parts[0][0].dtype)
+    for (out, _), weight in zip(parts[1:], weights[1:]):
+        merged = torch.addcmul(merged, out, weight[..., None].to(out.dtype))
+    return merged
+
+
+def band_pieces(first_query: int, last_query: int, G: int, n_local: int, contiguous: bool):
+    """Key index ranges [(start, end, kind)] of the local band of queries with key indices [first, last], kind
+    "causal" (the block's own keys, square), "full" (seen by every query of the block) or "masked". Without the
+    split (`contiguous` False: padding or per-head biases), the whole band is one masked range."""
+    b0, b1 = max(G, first_query - n_local + 1), last_query + 1
+    if not contiguous or first_query < G or last_query - first_query >= n_local:
+        pieces = [(b0, b1, "masked")]  # empty when all the queries are global keys themselves
+    else:
+        full0 = max(G, last_query + 1 - n_local)
+        pieces = [(b0, full0, "masked"), (full0, first_query, "full"), (first_query, b1, "causal")]
+    return [piece for piece in pieces if piece[1] > piece[0]]  # the fused kernel fails on empty inputs
+
+
+def _windows(x: torch.Tensor, start: int, width: int, step: int, count: int) -> torch.Tensor:
+    """x (1, H, T, D) -> a view (count, H, width, D) whose window i is x[:, :, start + i*step : ... + width]."""
+    stride_h, stride_t, stride_d = x.stride()[1:]
+    return x.as_strided((count, x.shape[1], width, x.shape[3]), (step * stride_t, stride_h, stride_t, stride_d),
+                        x.storage_offset() + start * stride_t)
+
+
+def _interior_band(q, k, v, q_start, key_start, count, block, n_local, scale, strip_mask):
+    """Band parts of `count` consecutive full query blocks of one batch row (q (1, H, Tq, D), k/v (1, Hk, Tk, D))
+    whose bands lie past the global keys, each kind in one batched kernel call over window views (no copies):
+    the masked strip, the part every query of its block sees, and the block's own causal square."""
+    qw = _windows(q, q_start, block, block, count)  # (count, H, block, D)
+    pieces = [(key_start - n_local + 1, block - 1, strip_mask, False),  # (first key, width, mask, causal)
+              (key_start + block - n_local, n_local - block, None, False),
+              (key_start, block, None, True)]
+    return [attend_with_lse(qw, _windows(k, k0, width, block, count), _windows(v, k0, width, block, count), scale,
+                            mask, causal) for k0, width, mask, causal in pieces if width > 0]
 
 
 def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
-                             block: int = 256):
+                             block: int = 256, run: int = 4):
     """Same contract as `lambda_attention_reference`: q (B, H, Tq, D), k/v (B, Hk, Tk, D), q_pos (B, Tq),
-    k_pos (B, Tk), k_valid (B, Tk) or None -> (B, H, Tq, D). Queries are the last Tq of the Tk keys."""
+    k_pos (B, Tk), k_valid (B, Tk) or None -> (B, H, Tq, D). Queries are the last Tq of the Tk keys.
+    Up to `run` consecutive interior blocks share each batched kernel call."""
     B, H, Tq, D = q.shape
-    Hk, Tk = k.shape[1], k.shape[2]
-    offset = Tk - Tq  # key index of query 0
+    offset = k.shape[2] - Tq  # key index of query 0
     G = global_candidates(k_pos, k_valid, pattern.n_global)
-    kg = expand_heads(k[:, :, :G], H)
-    vg = expand_heads(v[:, :, :G], H)
-    kg_anchor = None
-    if G and isinstance(encoding, RopeEncoding) and pattern.limit is not None:
-        kg_anchor = encoding.anchored_key(kg, k_pos[:, :G], pattern)
     slopes = encoding.slopes.to(q)[None, :, None, None] if isinstance(encoding, AlibiEncoding) else None
-    # The global part for every query at once (B, H, Tq, G; G ~ n_global is small).
-    if G:
-        lse_g, out_g = _global_part(q, q_pos, kg, vg, kg_anchor, k_pos[:, :G],
-                                    None if k_valid is None else k_valid[:, :G], pattern, encoding, scale)
-    else:
-        lse_g, out_g = torch.full((B, H, Tq), float("-inf"), dtype=q.dtype, device=q.device), None
-    if Tq <= 16:  # decoding: a few queries, no point in building augmented copies of the cache
-        return _small_query_path(q, k, v, q_pos, k_pos, k_valid, G, lse_g, out_g, pattern, slopes, scale, offset)
-    # Query with its extra coordinate lse_global / scale (the sentinel key's score; NO_GLOBAL if it sees none).
-    lse_safe = torch.where(torch.isfinite(lse_g), lse_g, torch.full_like(lse_g, NO_GLOBAL))
-    q_aug = torch.cat([q, (lse_safe / scale)[..., None]], dim=-1)  # (B, H, Tq, D+1)
-    # Keys/values with one extra coordinate (0) and one spare slot at the end. The sentinel (0, ..., 0, 1) is
-    # written into the slot just after each block's band (and the real key put back afterwards), so every SDPA call
-    # reads a view of this one tensor instead of a fresh concatenation.
-    k_aug = F.pad(k, (0, 1, 0, 1))  # (B, Hk, Tk+1, D+1)
-    v_aug = F.pad(v, (0, 1, 0, 1))
-    sentinel = torch.zeros(D + 1, dtype=q.dtype, device=q.device)
-    sentinel[D] = 1.0
+    if G:  # global candidates (B, H, G, D); G ~ n_global is small
+        kg, vg = expand_heads(k[:, :, :G], H), expand_heads(v[:, :, :G], H)
+        kg_anchor = None
+        if isinstance(encoding, RopeEncoding) and pattern.limit is not None:
+            kg_anchor = encoding.anchored_key(kg, k_pos[:, :G], pattern)
+        kvalid_g = None if k_valid is None else k_valid[:, :G]
+    # Without padding or biases, keys from index G on sit at consecutive positions, so most of a block's band is
+    # seen by all its queries (no mask) and its own keys form a causal square: only a thin strip needs a mask.
+    contiguous = k_valid is None and slopes is None and block <= pattern.n_local
+    strip_mask = _band_mask(torch.arange(block, device=q.device)[None],
+                            torch.arange(1 - pattern.n_local, block - pattern.n_local, device=q.device)[None],
+                            None, pattern.n_local, None, q.dtype) if contiguous else None  # (1, 1, block, block-1)
     out = torch.empty_like(q)
-    shared_mask = None  # the band mask of an interior block depends only on the block shape when no padding
-    for qs in range(0, Tq, block):
-        qe = min(qs + block, Tq)
-        b0, b1 = max(G, qs + offset - pattern.n_local + 1), qe + offset
-        interior = k_valid is None and b0 == qs + offset - pattern.n_local + 1 and qe - qs == block
-        if interior and shared_mask is not None:
-            mask = shared_mask
+    shared_masks = {}  # masked ranges of single blocks, keyed by (rows, start - first query, end - first query)
+    qs = 0
+    while qs < Tq:
+        # Interior blocks: full size, band entirely past the global keys.
+        first_interior = max(qs, G + pattern.n_local - 1 - offset)
+        count = min(run, (Tq - qs) // block) if contiguous and first_interior == qs else 0
+        qe = qs + (count * block if count else min(block, Tq - qs))
+        # The global part per stretch too: its elementwise work (moving queries to the limit) stays in cache.
+        global_part = None if not G else _global_part(q[:, :, qs:qe], q_pos[:, qs:qe], kg, vg, kg_anchor,
+                                                      k_pos[:, :G], kvalid_g, pattern, encoding, scale)
+        if count:
+            for row in range(B):
+                parts = _interior_band(q[row:row + 1], k[row:row + 1], v[row:row + 1], qs, qs + offset, count, block,
+                                       pattern.n_local, scale, strip_mask)
+                if global_part is not None:  # (H, count*block, ...) -> (count, H, block, ...) views
+                    parts.append((global_part[0][row].view(H, count, block, D).transpose(0, 1),
+                                  global_part[1][row].view(H, count, block).transpose(0, 1)))
+                _windows(out[row:row + 1], qs, block, block, count).copy_(merge_softmax_parts(parts))
         else:
-            mask = _band_mask(q_pos[:, qs:qe], k_pos[:, b0:b1], None if k_valid is None else k_valid[:, b0:b1],
-                              pattern.n_local, slopes, q.dtype)
-            mask = F.pad(mask, (0, 1))  # sentinel column: always visible (its score is NO_GLOBAL when unused)
-            if k_valid is not None:  # a query with no visible key (a pad) attends the sentinel alone -> output 0
-                empty = ~torch.isfinite(mask[..., :-1]).any(-1) & ~torch.isfinite(lse_g[:, :1, qs:qe])
-                mask[..., -1] = mask[..., -1].masked_fill(empty, 0.0)
-            if interior:
-                shared_mask = mask
-        saved_k, saved_v = k_aug[:, :, b1].clone(), v_aug[:, :, b1].clone()
-        k_aug[:, :, b1], v_aug[:, :, b1] = sentinel, sentinel
-        o = F.scaled_dot_product_attention(q_aug[:, :, qs:qe], k_aug[:, :, b0 : b1 + 1], v_aug[:, :, b0 : b1 + 1],
-                                           attn_mask=mask, scale=scale, enable_gqa=Hk != H)
-        k_aug[:, :, b1], v_aug[:, :, b1] = saved_k, saved_v
-        if out_g is None:
-            out[:, :, qs:qe] = o[..., :D]
-        else:
-            out[:, :, qs:qe] = torch.addcmul(o[..., :D], o[..., D:], out_g[:, :, qs:qe])
-    return out
-
-
-def _small_query_path(q, k, v, q_pos, k_pos, k_valid, G, lse_g, out_g, pattern, slopes, scale, offset):
-    """Few queries (decoding): plain scores against the band [b0, Tk), merged with the global part by lse."""
-    H, Tq = q.shape[1], q.shape[2]
-    b0 = max(G, offset - pattern.n_local + 1)
-    kb, vb = expand_heads(k[:, :, b0:], H), expand_heads(v[:, :, b0:], H)
-    scores = (q @ kb.transpose(-1, -2)) * scale  # (B, H, Tq, band)
-    scores = scores + _band_mask(q_pos, k_pos[:, b0:], None if k_valid is None else k_valid[:, b0:],
-                                 pattern.n_local, slopes, q.dtype)
-    lse_b = torch.logsumexp(scores, dim=-1)  # (B, H, Tq)
-    lse = torch.logaddexp(lse_b, lse_g)
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]
-    out = torch.exp(scores - lse_safe).nan_to_num(0.0) @ vb
-    if out_g is not None:
-        out = out + torch.exp(lse_g - lse_safe[..., 0]).nan_to_num(0.0)[..., None] * out_g
+            parts = [] if global_part is None else [global_part]
+            for k0, k1, kind in band_pieces(qs + offset, qe - 1 + offset, G, pattern.n_local, contiguous):
+                mask = None
+                if kind == "masked":
+                    key = (qe - qs, k0 - qs - offset, k1 - qs - offset)
+                    mask = shared_masks.get(key) if k_valid is None else None
+                    if mask is None:
+                        mask = _band_mask(q_pos[:, qs:qe], k_pos[:, k0:k1],
+                                          None if k_valid is None else k_valid[:, k0:k1], pattern.n_local, slopes,
+                                          q.dtype)
+                        if k_valid is None:
+                            shared_masks[key] = mask
+                parts.append(attend_with_lse(q[:, :, qs:qe], k[:, :, k0:k1], v[:, :, k0:k1], scale, mask,
+                                             causal=kind == "causal"))
+            out[:, :, qs:qe] = merge_softmax_parts(parts) if parts else 0.0
+        qs = qe
     return out

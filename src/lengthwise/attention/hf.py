@@ -58,7 +58,7 @@ def attend(state: LambdaState, module, query, key, value, mask2d, q_pos, scale: 
         k_valid = None
     impl = state.impl
     if impl == "blocked" and torch.is_grad_enabled() and query.requires_grad:
-        impl = "eager"  # the blocked kernel writes k/v in place (no autograd); training (Temp-LoRA) needs gradients
+        impl = "eager"  # training (Temp-LoRA) needs gradients; the fused CPU kernel gives none through its lse
     kernel = IMPLEMENTATIONS[impl]
     kwargs = {"block": state.block} if impl == "blocked" else {}
     return kernel(query, key, value, q_pos, k_pos, k_valid, state.pattern, state.encoding_fn(), scale, **kwargs)

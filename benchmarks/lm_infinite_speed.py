@@ -41,11 +41,11 @@ def bench_model(args):
     return LlamaForCausalLM(config).to(args.dtype).eval()
 
 
-def timed(*fns, repeat: int = 1) -> list[float]:
+def timed(*fns, repeat: int = 1, warm_up: bool = True) -> list[float]:
     """Best of `repeat` wall times of each function, the functions taking turns so that a slow spell of a shared
     machine falls on all of them alike."""
-    for fn in fns:
-        fn()  # warm-up (allocations, kernel selection)
+    for fn in fns if warm_up else ():
+        fn()  # allocations, kernel selection
     best = [float("inf")] * len(fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
@@ -55,8 +55,8 @@ def timed(*fns, repeat: int = 1) -> list[float]:
     return best
 
 
-def peak_rss_during(fn) -> tuple[float, float]:
-    """(seconds, peak resident MiB above the level before) of one call; Linux: VmHWM reset through clear_refs."""
+def peak_rss_during(fn) -> float:
+    """Peak resident MiB above the level before, during one call; Linux: VmHWM reset through clear_refs."""
     def status(key):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key):
@@ -65,10 +65,8 @@ def peak_rss_during(fn) -> tuple[float, float]:
 
     Path("/proc/self/clear_refs").write_text("5")
     base = status("VmRSS")
-    start = time.perf_counter()
     fn()
-    seconds = time.perf_counter() - start
-    return seconds, status("VmHWM") - base
+    return status("VmHWM") - base
 
 
 def flops_per_token_linear(a) -> float:
@@ -153,6 +151,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=10)
     parser.add_argument("--kernel-repeat", type=int, default=3,
                         help="kernel timings: best of this many turns, dense and Λ alternating")
+    parser.add_argument("--prefill-repeat", type=int, default=2,
+                        help="prefill timings: best of this many turns, dense and Λ alternating")
     parser.add_argument("--device", default="cpu", choices=["cpu"],
                         help="only the CPU path exists (peak memory is read from /proc/self/status)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -188,13 +188,26 @@ def main() -> None:
                 row[f"kernel_{name}_s"] = seconds
             del q, k, v
             ids = torch.randint(1, 100, (1, n))
+            def lm_infinite():
+                return patch(model, "lm-infinite", n_global=args.n_global, n_local=args.n_local,
+                             distance_limit=args.n_local, block=args.block)
+
+            def prefill_dense():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+            def prefill_lambda():
+                with lm_infinite():
+                    prefill_dense()
+
+            # Peak memory from one call each (which also warms up), then the best of alternating timed turns.
+            prefills = {"lambda": prefill_lambda}
+            row["prefill_lambda_peak_mib"] = peak_rss_during(prefill_lambda)
             if not skip_dense:
-                row["prefill_dense_s"], row["prefill_dense_peak_mib"] = peak_rss_during(
-                    lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
-            with patch(model, "lm-infinite", n_global=args.n_global, n_local=args.n_local,
-                       distance_limit=args.n_local, block=args.block) as handle:
-                row["prefill_lambda_s"], row["prefill_lambda_peak_mib"] = peak_rss_during(
-                    lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
+                prefills["dense"] = prefill_dense
+                row["prefill_dense_peak_mib"] = peak_rss_during(prefill_dense)
+            for name, seconds in zip(prefills, timed(*prefills.values(), repeat=args.prefill_repeat, warm_up=False)):
+                row[f"prefill_{name}_s"] = seconds
+            with lm_infinite() as handle:
                 lam_cache = fill_lambda_cache(n, args)
                 row["decode_lambda_s"] = decode_latency(model, lam_cache, n, args.decode_steps)
                 row["cache_lambda_mib"] = cache_bytes(lam_cache) / 2**20

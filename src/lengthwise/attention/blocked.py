@@ -68,19 +68,23 @@ def _band_mask(pb, kpos_band, kvalid_band, n_local, slopes, dtype):
     return mask
 
 
+FEW_QUERIES = 16  # up to this many queries (decoding), one explicit score matrix is cheapest
+
+
 def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False):
     """Softmax attention of q (B, H, Tq, D) over k/v (B, Hk, Tk, D) that also returns the log-sum-exp of the scores,
     so that attention over disjoint key sets can be merged exactly. mask: additive (B or 1, H or 1, Tq, Tk) or None;
     causal: square top-left causal. Returns out (B, H, Tq, D) and lse (B, H, Tq) in float32, -inf where a query
     sees no key (its out is 0)."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and q.shape[-2] > FEW_QUERIES:
         # PyTorch's fused CPU flash kernel (the one F.scaled_dot_product_attention runs) returns the lse as well.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, is_causal=causal, attn_mask=mask, scale=scale)
         if mask is not None:  # the kernel reports lse 0 for a query whose row is fully masked
             lse = lse.masked_fill(~torch.isfinite(mask).any(-1), float("-inf"))
         return out, lse
-    # Portable fallback (GPU): explicit scores for this block only, so memory stays O(block x band).
+    # Explicit scores for this block only, so memory stays O(block x band): decoding steps (cheaper than the fused
+    # kernel's set-up) and other devices.
     heads = q.shape[1]
     scores = (q @ expand_heads(k, heads).transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
     if mask is not None:
@@ -154,7 +158,7 @@ def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPatt
         kvalid_g = None if k_valid is None else k_valid[:, :G]
     # Without padding or biases, keys from index G on sit at consecutive positions, so most of a block's band is
     # seen by all its queries (no mask) and its own keys form a causal square: only a thin strip needs a mask.
-    contiguous = k_valid is None and slopes is None and block <= pattern.n_local
+    contiguous = k_valid is None and slopes is None and block <= pattern.n_local and Tq > FEW_QUERIES
     strip_mask = _band_mask(torch.arange(block, device=q.device)[None],
                             torch.arange(1 - pattern.n_local, block - pattern.n_local, device=q.device)[None],
                             None, pattern.n_local, None, q.dtype) if contiguous else None  # (1, 1, block, block-1)

@@ -9,12 +9,17 @@ A Llama-shaped bench model is built in code (random weights: speed does not depe
 - per-token decode latency at each context length: dense DynamicCache vs the bounded LambdaCache (caches filled with
   random keys of the right size: the latency depends on sizes, not values), cache bytes;
 - the sliding-window baseline by recomputation: one forward over the last 2048 tokens per generated token.
+By default glibc's malloc is told to keep freed memory (`--allocator retain`, both paths alike): otherwise every
+tensor over 32 MiB is a fresh mmap whose pages the kernel zero-fills on first touch, which on this VM costs more
+system time than the attention itself (PyTorch's CPU tuning guide recommends a caching allocator for the same
+reason). `--allocator default` measures glibc as it comes.
 Writes docs/results/lm_infinite_speed.json and docs/results/lm_infinite_speed.md (the lead may rerun it as is).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import subprocess
@@ -55,14 +60,33 @@ def timed(*fns, repeat: int = 1, warm_up: bool = True) -> list[float]:
     return best
 
 
+def glibc():
+    """The C library if it is glibc (mallopt and malloc_trim exist), else None."""
+    return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+
+
+def retain_freed_memory() -> None:
+    """Make glibc's malloc serve every size from its heap and keep what is freed (no mmap per large tensor, no
+    trimming), so the same pages are reused instead of being unmapped and zero-filled again."""
+    libc = glibc()
+    if libc is None:
+        raise SystemExit("--allocator retain needs glibc; use --allocator default")
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from malloc.h
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("mallopt refused the retain settings; use --allocator default")
+
+
 def peak_rss_during(fn) -> float:
-    """Peak resident MiB above the level before, during one call; Linux: VmHWM reset through clear_refs."""
+    """Peak resident MiB above the level before, during one call; Linux: VmHWM reset through clear_refs. Freed heap
+    memory is given back first, so memory kept from earlier calls does not hide this call's peak."""
     def status(key):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    if (libc := glibc()) is not None:
+        libc.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     base = status("VmRSS")
     fn()
@@ -157,9 +181,13 @@ def main() -> None:
                         help="only the CPU path exists (peak memory is read from /proc/self/status)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "lm_infinite_speed"))
+    parser.add_argument("--allocator", default="retain", choices=["retain", "default"],
+                        help="retain: glibc keeps freed memory for reuse (both paths); default: glibc as it comes")
     parser.add_argument("--skip-dense-above", type=int, default=0, help="skip dense cells longer than this (0: none)")
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
+    if args.allocator == "retain":
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     from lengthwise.api import patch  # noqa: PLC0415
 
@@ -226,6 +254,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''} torch threads={args.threads}",
+            "allocator": args.allocator,
             "device": args.device, "dtype": str(args.dtype), "load_before": load_before, "load_after": load_after,
             "shape": {k: getattr(args, k) for k in ("layers", "hidden", "heads", "mlp", "vocab", "n_local",
                                                         "n_global", "block")},
@@ -250,8 +279,8 @@ def verdict(ok: bool | None) -> str:
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"Shape {meta['shape']}; {meta['machine']}; {meta['date_utc']} UTC; load before: {meta['load_before']}; "
-             f"after: {meta['load_after']}", "",
+    lines = [f"Shape {meta['shape']}; {meta['machine']}; allocator {meta['allocator']}; {meta['date_utc']} UTC; "
+             f"load before: {meta['load_before']}; after: {meta['load_after']}", "",
              "Speed-ups are dense / Λ; in brackets the FLOP-count bound of that speed-up for this shape, then the "
              f"target (kernel >= {TARGETS['kernel']:g}x and decode >= {TARGETS['decode']:g}x at {TARGET_LENGTH}; "
              f"whole-model prefill >= {TARGETS['prefill_fraction']:.0%} of its bound at every length).", "",

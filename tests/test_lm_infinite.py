@@ -135,7 +135,8 @@ def test_generate_with_bounded_cache_equals_recomputation(family, method):
                              do_sample=False, past_key_values=cache, pad_token_id=0)
         assert torch.equal(out, expected)
         assert cache.get_seq_length() == 40 + 11  # every token seen (the last one is never fed back)
-        assert cache.kept_tokens() <= 2 + 8 + 1  # globals + window (+ the token being decoded)
+        # globals + window + the token being decoded + spare slots
+        assert cache.kept_tokens() <= 2 + 8 + 1 + cache.layers[0].slack
         # a plain model.generate() on the patched model picks the bounded cache up by itself
         plain = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(plain, expected)
@@ -151,6 +152,25 @@ def test_decode_memory_is_constant_in_context_length():
             model(random_ids(1), past_key_values=cache, use_cache=True)
             sizes.append(cache.layers[0].keys.shape)
     assert sizes[0] == sizes[1]
+
+
+def test_decoding_writes_the_cache_in_place():
+    """Steady decoding reuses one buffer (a compaction once every `slack` steps, no copy per step); the buffer stays
+    at globals + window + step + slack, and the keys any query needs are always held."""
+    model = tiny_model("llama", length=32)
+    with api.patch(model, "lm-infinite", n_global=2, n_local=16, distance_limit=16) as handle:
+        cache = handle.new_cache()
+        model(random_ids(40), past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        buffers = set()
+        for step in range(40):
+            model(random_ids(1), past_key_values=cache, use_cache=True)
+            buffers.add(layer.stored()[0].data_ptr())
+            seen = 40 + step + 1
+            held = set(layer.positions[0].tolist())
+            assert held >= {0, 1} | set(range(seen - 16, seen))
+            assert layer.stored()[0].shape[-2] == 2 + 16 + 1 + layer.slack
+    assert layer.slack == 2 and len(buffers) == 1
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])

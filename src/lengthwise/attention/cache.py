@@ -1,9 +1,11 @@
 """Bounded KV cache for Λ attention and attention sinks: keeps the global keys and the last `n_local` keys.
 
 Each layer stores, next to keys and values (B, Hk, T, D), the position (B, T) each key was rotated at and whether it
-is a real token (B, T) (left padding). Trimming is lazy: `update()` first drops what the previous step no longer
-needs, then appends the new keys, so a chunk of C new queries sees globals + the last n_local old keys + its own C
-keys. Memory is O(n_global + n_local + C), constant in the context length.
+is a real token (B, T) (left padding). They live in preallocated buffers with `slack` spare slots: new keys are
+written in place, and only when the buffer is full are the global keys and the last `n_local` keys compacted to its
+front. A decoding step thus copies nothing (a compaction moves n_local keys once every `slack` steps), and a chunk of
+C new queries sees at least globals + the last n_local old keys + its own C keys; older keys that are still held are
+hidden by their positions. Memory is O(n_global + n_local + slack + C), constant in the context length.
 
 `get_seq_length()` counts every token seen (not the kept ones), so transformers keeps numbering positions on.
 """
@@ -17,43 +19,88 @@ from lengthwise.attention.blocked import global_candidates
 
 
 class LambdaCacheLayer(DynamicLayer):
-    def __init__(self, n_global: int, n_local: int) -> None:
+    def __init__(self, n_global: int, n_local: int, slack: int | None = None) -> None:
         super().__init__()
         self.n_global, self.n_local = n_global, n_local
+        self.slack = max(1, n_local // 8) if slack is None else slack
         self.positions: torch.Tensor | None = None  # (B, T) long
         self.valid: torch.Tensor | None = None  # (B, T) bool
         self.seen = 0
+        # keys, values (B, Hk, capacity, D), positions, valid (B, capacity); keys etc. above are views of their
+        # first T slots. None until the first update, or after transformers replaced the views (beam reordering...).
+        self._buffers: tuple[torch.Tensor, ...] | None = None
 
-    def _trim(self) -> None:
-        if self.positions is None or self.positions.shape[1] != self.keys.shape[-2]:
-            return  # positions not recorded yet (nothing to trim safely)
-        total = self.keys.shape[-2]
+    def _views_are_ours(self) -> bool:
+        return self._buffers is not None and self.keys._base is self._buffers[0] and \
+            self.values._base is self._buffers[1]
+
+    def _kept_ranges(self, held: int) -> tuple[int, int]:
+        """(head, tail): keep key slots [0, head) and the last `tail` of the `held` ones."""
+        if self.positions is None or self.positions.shape[1] != held:
+            return held, 0  # positions not recorded yet: nothing can be dropped safely
         head = global_candidates(self.positions, self.valid, self.n_global)
-        if total <= head + self.n_local:
-            return
-        keep = torch.cat([torch.arange(head), torch.arange(total - self.n_local, total)]).to(self.keys.device)
-        self.keys = self.keys.index_select(-2, keep)
-        self.values = self.values.index_select(-2, keep)
-        self.positions = self.positions.index_select(1, keep)
-        self.valid = self.valid.index_select(1, keep)
+        return head, min(self.n_local, held - head)
+
+    def _make_room(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Free C = key_states' length slots after the kept keys; returns the first of them. Keys no query needs any
+        more stay in place (hidden by their positions) until there are more than `slack` of them or no room."""
+        new = key_states.shape[-2]
+        held = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
+        capacity = self._buffers[0].shape[-2] if self._views_are_ours() else held
+        head, tail = self._kept_ranges(held)
+        kept = head + tail
+        if held + new <= capacity and held - kept <= self.slack:
+            return held
+        sources = [self.keys, self.values] + ([self.positions, self.valid] if self.positions is not None else [])
+        sources = sources if held else []  # the first update: keys are an empty placeholder
+        in_place = kept + new <= capacity <= kept + new + self.slack  # else too small or oversized
+        if not in_place:  # (re)allocate, to the size a decoding step or this chunk needs
+            capacity = kept + new + self.slack
+            batch = key_states.shape[0]
+            self._buffers = (
+                key_states.new_empty(batch, key_states.shape[1], capacity, key_states.shape[-1]),
+                value_states.new_empty(batch, value_states.shape[1], capacity, value_states.shape[-1]),
+                torch.zeros(batch, capacity, dtype=torch.long, device=key_states.device),
+                torch.zeros(batch, capacity, dtype=torch.bool, device=key_states.device))
+        for buffer, source in zip(self._buffers, sources):
+            time_dim = -1 if source.dim() == 2 else -2  # positions (B, T); keys, values (B, Hk, T, D)
+            if not in_place:  # in place, the head is where it belongs already
+                buffer.narrow(time_dim, 0, head).copy_(source.narrow(time_dim, 0, head))
+            kept_tail = source.narrow(time_dim, held - tail, tail)
+            buffer.narrow(time_dim, head, tail).copy_(kept_tail.clone() if in_place else kept_tail)  # may overlap
+        if self.positions is None:
+            self.valid = None
+        return kept
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        else:
-            self._trim()
+        start = self._make_room(key_states, value_states)
+        end = start + key_states.shape[-2]
+        keys, values, positions, valid = self._buffers
+        keys[..., start:end, :] = key_states
+        values[..., start:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        if self.positions is not None:  # views of the kept positions, ready for `record()`
+            self.positions, self.valid = positions[:, :start], valid[:, :start]
         self.seen += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
         return self.keys, self.values
 
     def record(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Positions (B, C) and validity (B, C) of the C keys the last `update()` appended."""
-        if self.positions is None:
-            self.positions, self.valid = positions, valid
-        else:
-            self.positions = torch.cat([self.positions, positions], dim=1)
-            self.valid = torch.cat([self.valid, valid], dim=1)
+        held = self.keys.shape[-2]
+        start = 0 if self.positions is None else self.positions.shape[1]
+        if start + positions.shape[1] != held:  # an earlier call went unrecorded: positions are unknown
+            self.positions = self.valid = None
+            return
+        buffer_positions, buffer_valid = self._buffers[2:]
+        buffer_positions[:, start:held] = positions
+        buffer_valid[:, start:held] = valid
+        self.positions, self.valid = buffer_positions[:, :held], buffer_valid[:, :held]
+
+    def stored(self) -> list[torch.Tensor]:
+        """The tensors this layer holds (for memory accounting: the buffers, spare slots included)."""
+        return list(self._buffers[:2]) if self._views_are_ours() else [self.keys, self.values]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -64,7 +111,7 @@ class LambdaCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.positions = self.valid = None
+        self.positions = self.valid = self._buffers = None
         self.seen = 0
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -121,10 +121,8 @@ def cache_bytes(cache) -> int | None:
         return None
     total = 0
     for layer in layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
+        held = layer.stored() if hasattr(layer, "stored") else [getattr(layer, name, None) for name in ("keys", "values")]
+        total += sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
     return total
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lengthwise.attention import LambdaPattern, RopeEncoding, lambda_attention_blocked
 from lengthwise.attention.cache import LambdaCache
+from lengthwise.eval.speed import cache_bytes
 from lengthwise.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,22 +143,32 @@ def fill_lambda_cache(n, a):
     return cache
 
 
-def decode_latency(model, cache, n, steps) -> float:
+def decode(model, cache, steps: int) -> None:
+    """`steps` greedy-shaped decoding steps on `cache`, each at the next position."""
     ids = torch.randint(1, 100, (1, 1))
-
-    def step(i):
-        model(input_ids=ids, past_key_values=cache, position_ids=torch.tensor([[n + i]]), use_cache=True,
-              logits_to_keep=1)
-
-    step(0)
-    start = time.perf_counter()
-    for i in range(1, steps + 1):
-        step(i)
-    return (time.perf_counter() - start) / steps
+    for _ in range(steps):
+        model(input_ids=ids, past_key_values=cache, position_ids=torch.tensor([[cache.get_seq_length()]]),
+              use_cache=True, logits_to_keep=1)
 
 
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+def decode_latencies(model, n: int, args, lm_infinite, with_dense: bool) -> dict:
+    """Per-token decode latency at context n, Λ (bounded cache) and dense: best of alternating turns of
+    `decode_steps` steps each; and the caches' sizes."""
+    lam_cache = fill_lambda_cache(n, args)
+
+    def decode_lambda():
+        with lm_infinite():
+            decode(model, lam_cache, args.decode_steps)
+
+    decodes = {"lambda": decode_lambda}
+    row = {"cache_lambda_mib": cache_bytes(lam_cache) / 2**20}
+    if with_dense:
+        dense_cache = fill_dense_cache(model, n, args)
+        row["cache_dense_mib"] = cache_bytes(dense_cache) / 2**20
+        decodes["dense"] = lambda: decode(model, dense_cache, args.decode_steps)
+    for name, seconds in zip(decodes, timed(*decodes.values(), repeat=args.decode_repeat)):
+        row[f"decode_{name}_s"] = seconds / args.decode_steps
+    return row
 
 
 def main() -> None:
@@ -172,7 +183,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block", type=int, default=256)
-    parser.add_argument("--decode-steps", type=int, default=10)
+    parser.add_argument("--decode-steps", type=int, default=10, help="decoding steps per timed turn")
+    parser.add_argument("--decode-repeat", type=int, default=3,
+                        help="decode timings: best of this many turns, dense and Λ alternating")
     parser.add_argument("--kernel-repeat", type=int, default=3,
                         help="kernel timings: best of this many turns, dense and Λ alternating")
     parser.add_argument("--prefill-repeat", type=int, default=2,
@@ -235,16 +248,7 @@ def main() -> None:
                 row["prefill_dense_peak_mib"] = peak_rss_during(prefill_dense)
             for name, seconds in zip(prefills, timed(*prefills.values(), repeat=args.prefill_repeat, warm_up=False)):
                 row[f"prefill_{name}_s"] = seconds
-            with lm_infinite() as handle:
-                lam_cache = fill_lambda_cache(n, args)
-                row["decode_lambda_s"] = decode_latency(model, lam_cache, n, args.decode_steps)
-                row["cache_lambda_mib"] = cache_bytes(lam_cache) / 2**20
-                del lam_cache, handle
-            if not skip_dense:
-                dense_cache = fill_dense_cache(model, n, args)
-                row["decode_dense_s"] = decode_latency(model, dense_cache, n, args.decode_steps)
-                row["cache_dense_mib"] = cache_bytes(dense_cache) / 2**20
-                del dense_cache
+            row.update(decode_latencies(model, n, args, lm_infinite, with_dense=not skip_dense))
         row["decode_sliding_window_s"] = sliding_token
         for key in ("kernel", "prefill", "decode"):
             if f"{key}_dense_s" in row:

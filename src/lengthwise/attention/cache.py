@@ -2,8 +2,8 @@
 
 Each layer stores, next to keys and values (B, Hk, T, D), the position (B, T) each key was rotated at and whether it
 is a real token (B, T) (left padding). They live in preallocated buffers with `slack` spare slots: new keys are
-written in place, and only when the buffer is full are the global keys and the last `n_local` keys compacted to its
-front. A decoding step thus copies nothing (a compaction moves n_local keys once every `slack` steps), and a chunk of
+written in place, and only when the spare slots run out (or the buffer is far larger than a step needs, after a long
+prompt) are the global keys and the last `n_local` keys compacted to its front. A decoding step thus copies nothing (a compaction moves n_local keys once every `slack` steps), and a chunk of
 C new queries sees at least globals + the last n_local old keys + its own C keys; older keys that are still held are
 hidden by their positions. Memory is O(n_global + n_local + slack + C), constant in the context length.
 
@@ -68,8 +68,6 @@ class LambdaCacheLayer(DynamicLayer):
                 buffer.narrow(time_dim, 0, head).copy_(source.narrow(time_dim, 0, head))
             kept_tail = source.narrow(time_dim, held - tail, tail)
             buffer.narrow(time_dim, head, tail).copy_(kept_tail.clone() if in_place else kept_tail)  # may overlap
-        if self.positions is None:
-            self.valid = None
         return kept
 
     def update(self, key_states, value_states, *args, **kwargs):

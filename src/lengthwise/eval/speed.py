@@ -121,7 +121,8 @@ def cache_bytes(cache) -> int | None:
         return None
     total = 0
     for layer in layers:
-        held = layer.stored() if hasattr(layer, "stored") else [getattr(layer, name, None) for name in ("keys", "values")]
+        held = layer.stored() if hasattr(layer, "stored") else [getattr(layer, "keys", None),
+                                                                getattr(layer, "values", None)]
         total += sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
     return total
 

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from lengthwise.models.compat import PatchNotInForce
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -154,13 +156,22 @@ def test_export_refuses_what_transformers_cannot_express():
 
 
 # ------------------------------------------------------------------------------------- n_hat and the forward path
+def test_position_dependent_rotary_refuses_calls_outside_its_model():
+    model = tiny_model("llama", length=16)
+    with api.patch(model, "linear:factor=3,n_hat=10"), pytest.raises(PatchNotInForce, match="pre-hook"):
+        model.model.rotary_emb(random_ids(8)[..., None].float(), torch.arange(8)[None])
+
+
 def test_n_hat_keeps_start_tokens_on_original_frequencies():
     model = tiny_model("llama", length=16)
     ids = random_ids(48)
     vanilla = model(ids).logits
+    seen = []
+    hook = model.model.rotary_emb.register_forward_hook(lambda module, args, output: seen.append(output[0]))
     with api.patch(model, "linear:factor=3,n_hat=10"):
         patched = model(ids).logits
-        cos, _ = model.model.rotary_emb(ids[..., None].float(), torch.arange(48)[None])
+    hook.remove()
+    cos = seen[0]  # (1, 48, 16), as the patched rotary module computed it during the forward
     # causal: tokens < n_hat see only start tokens, all on the original frequencies -> unchanged logits
     torch.testing.assert_close(patched[:, :10], vanilla[:, :10])
     assert not torch.allclose(patched[:, 10:], vanilla[:, 10:])

@@ -3,6 +3,7 @@ import importlib
 import pytest
 import torch
 
+from lengthwise.models import compat
 from lengthwise.rope.rotation import rotary_layout, rotate, rotation_angles
 from lengthwise.testing import ROPE_FAMILIES, tiny_model
 
@@ -13,9 +14,12 @@ def _reference_rotation(model, x, positions):
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     if family == "gptj":
         attn = model.transformer.h[0].attn
-        table = attn._get_embed_positions(positions)  # (1, max_pos, rotary_dim)
-        sincos = table[0, positions[0]][None]  # (1, T, rotary_dim)
-        sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+        if (shared := compat.gptj_rotary_table(model)) is not None:  # transformers >= 5.24
+            sin, cos = shared(x, positions)  # 2 x (1, T, rotary_dim/2)
+        else:
+            table = compat.gptj_layer_table(attn, positions)  # (1, max_pos, rotary_dim)
+            sincos = table[0, positions[0]][None]  # (1, T, rotary_dim)
+            sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
         x = x.transpose(1, 2)  # GPT-J rotates (B, T, H, D)
         rot = modeling.apply_rotary_pos_emb(x[..., : attn.rotary_dim], sin, cos)
         return torch.cat([rot, x[..., attn.rotary_dim :]], -1).transpose(1, 2)

@@ -16,12 +16,17 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lengthwise.attention.blocked import global_candidates
+from lengthwise.models.compat import PatchNotInForce
 
 
 class LambdaCacheLayer(DynamicLayer):
-    def __init__(self, n_global: int, n_local: int, slack: int | None = None) -> None:
+    is_croppable = False  # generate() must not try assisted decoding on it (asked from transformers 5.24)
+
+    def __init__(self, n_global: int, n_local: int, slack: int | None = None,
+                 owner: tuple[str, str] = ("LambdaCache", "?")) -> None:
         super().__init__()
         self.n_global, self.n_local = n_global, n_local
+        self.owner = owner  # (method, model type), for errors
         self.slack = max(1, n_local // 8) if slack is None else slack
         self.positions: torch.Tensor | None = None  # (B, T) long
         self.valid: torch.Tensor | None = None  # (B, T) bool
@@ -36,8 +41,8 @@ class LambdaCacheLayer(DynamicLayer):
 
     def _kept_ranges(self, held: int) -> tuple[int, int]:
         """(head, tail): keep key slots [0, head) and the last `tail` of the `held` ones."""
-        if self.positions is None or self.positions.shape[1] != held:
-            return held, 0  # positions not recorded yet: nothing can be dropped safely
+        if held == 0:
+            return 0, 0
         head = global_candidates(self.positions, self.valid, self.n_global)
         return head, min(self.n_local, held - head)
 
@@ -47,6 +52,10 @@ class LambdaCacheLayer(DynamicLayer):
         new = key_states.shape[-2]
         held = self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
         capacity = self._buffers[0].shape[-2] if self._views_are_ours() else held
+        if held and (self.positions is None or self.positions.shape[1] != held):
+            raise PatchNotInForce(*self.owner, f"the bounded cache holds {held} keys whose positions were never "
+                                  f"recorded (the Λ attention function did not see this cache), so it cannot drop any "
+                                  f"and would grow without bound")
         head, tail = self._kept_ranges(held)
         kept = head + tail
         if held + new <= capacity and held - kept <= self.slack:
@@ -88,9 +97,9 @@ class LambdaCacheLayer(DynamicLayer):
         """Positions (B, C) and validity (B, C) of the C keys the last `update()` appended."""
         held = self.keys.shape[-2]
         start = 0 if self.positions is None else self.positions.shape[1]
-        if start + positions.shape[1] != held:  # an earlier call went unrecorded: positions are unknown
-            self.positions = self.valid = None
-            return
+        if start + positions.shape[1] != held:
+            raise PatchNotInForce(*self.owner, f"{held - start} new keys in the bounded cache, {positions.shape[1]} "
+                                  f"positions to record: an earlier call went unrecorded")
         buffer_positions, buffer_valid = self._buffers[2:]
         buffer_positions[:, start:held] = positions
         buffer_valid[:, start:held] = valid
@@ -136,8 +145,9 @@ class LambdaCacheLayer(DynamicLayer):
 class LambdaCache(Cache):
     """A transformers `Cache` whose layers keep only the global and the last `n_local` keys (see module doc)."""
 
-    def __init__(self, num_layers: int, n_global: int, n_local: int) -> None:
-        super().__init__(layers=[LambdaCacheLayer(n_global, n_local) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, n_global: int, n_local: int,
+                 owner: tuple[str, str] = ("LambdaCache", "?")) -> None:
+        super().__init__(layers=[LambdaCacheLayer(n_global, n_local, owner=owner) for _ in range(num_layers)])
 
     def kept_tokens(self, layer_idx: int = 0) -> int:
         layer = self.layers[layer_idx]

@@ -2,7 +2,7 @@
 
 - RoPE families whose attention calls `ALL_ATTENTION_FUNCTIONS` (Llama, Mistral, Qwen2, Phi-3, GPT-NeoX, ...): our
   function is registered with `AttentionInterface` under `ATTN_NAME`, its mask with `AttentionMaskInterface` (the mask
-  is only the 2-D padding mask: O(n), never Tq x Tk), and `config._attn_implementation` is switched to it.
+  is only the 2-D padding mask: O(n), never Tq x Tk), and `config._attn_implementation` is switched to it (`lengthwise.models.compat.switch_attn_implementation`).
 - ALiBi families (Bloom, MPT) compute the bias inside their attention module: `lengthwise.models.adapters` replaces
   that module's `forward` and calls `attend()` below.
 A forward pre-hook on each attention module hands the attention function the KV cache of the current call (the
@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from lengthwise.attention.blocked import lambda_attention_blocked
 from lengthwise.attention.cache import LambdaCache
 from lengthwise.attention.pattern import LambdaPattern, lambda_attention_reference
+from lengthwise.models.compat import CACHE_NAMES, PatchNotInForce, cache_from_kwargs, cache_kwargs
 
 ATTN_NAME = "lengthwise_lambda"
 IMPLEMENTATIONS = {"blocked": lambda_attention_blocked, "eager": lambda_attention_reference}
@@ -35,6 +36,8 @@ class LambdaState:
     impl: str = "blocked"
     block: int = 256
     cache: Any = None  # the KV cache of the current forward call (set by the pre-hook)
+    method: str = "lm-infinite"  # for error messages
+    model_type: str = ""
 
 
 def attend(state: LambdaState, module, query, key, value, mask2d, q_pos, scale: float) -> torch.Tensor:
@@ -45,6 +48,9 @@ def attend(state: LambdaState, module, query, key, value, mask2d, q_pos, scale: 
     q_pos = q_pos.to(query.device).long().expand(B, Tq)
     q_valid = None if mask2d is None else mask2d[:, -Tq:].bool()
     cache = state.cache
+    if cache is None and Tk > Tq:  # keys from a cache the pre-hook never saw: their positions are unknown
+        raise PatchNotInForce(state.method, state.model_type, f"the attention layer got {Tk - Tq} cached keys but "
+                              f"never the KV cache itself (the cache-stashing hook was not reached)")
     if isinstance(cache, LambdaCache):
         layer = cache.layers[module.layer_idx]
         layer.record(q_pos, torch.ones_like(q_pos, dtype=torch.bool) if q_valid is None else q_valid)
@@ -99,7 +105,7 @@ def attention_modules(model) -> list:
 
 def _stash_cache(module, args, kwargs):
     state = module.__dict__["_lengthwise_lambda"]
-    state.cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    state.cache = cache_from_kwargs(kwargs, state.method, state.model_type)
 
 
 def install_states(model, make_state, undo, hook_cache: bool) -> None:
@@ -111,27 +117,16 @@ def install_states(model, make_state, undo, hook_cache: bool) -> None:
             undo.add(handle.remove)
 
 
-def switch_attn_implementation(model, undo) -> None:
-    """Point the model (and every sub-config) at ATTN_NAME; `undo` restores the exact previous values."""
-    configs = {id(model.config): model.config}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            configs[id(config)] = config
-    for config in configs.values():
-        undo.setattr(config, "_attn_implementation_internal", ATTN_NAME)
-
-
 def use_cache_in_generate(model, cache_factory, undo) -> None:
     """Make a plain `model.generate()` on the patched model use the bounded cache unless one is passed."""
     original = model.generate
 
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = cache_factory(model)
-        if isinstance(kwargs["past_key_values"], LambdaCache):
+        cache = next((kwargs.pop(name) for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+        cache = cache_factory(model) if cache is None else cache
+        if isinstance(cache, LambdaCache):
             kwargs.setdefault("use_cache", True)  # some configs (e.g. MPT) default to use_cache=False
-        return original(*args, **kwargs)
+        return original(*args, **kwargs, **cache_kwargs(model, cache))
 
     generate.__doc__ = original.__doc__
     shadow_method(model, "generate", generate, undo)

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from lengthwise.attention.cache import LambdaCache
-from lengthwise.attention.hf import LambdaState, install_states, switch_attn_implementation, use_cache_in_generate
+from lengthwise.attention.hf import ATTN_NAME, LambdaState, install_states, use_cache_in_generate
 from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding
-from lengthwise.models.families import UnsupportedModelError, model_info
+from lengthwise.models.compat import gptj_uses_attention_interface, switch_attn_implementation
+from lengthwise.models.families import attention_route, model_info
 from lengthwise.patching import Undo
-
-# Attention reached through transformers' AttentionInterface (q, k arrive rotated; position_ids in kwargs).
-INTERFACE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "granite", "gpt_neox")
-ADAPTER_TYPES = ("gptj", "bloom", "mpt")  # own attention forward (lengthwise.models.adapters)
-SUPPORTED_TYPES = INTERFACE_TYPES + ADAPTER_TYPES
 
 
 def require_single_frequency_set(rotary_module, method: str) -> None:
@@ -34,10 +30,7 @@ def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "bloc
     from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
 
     info = model_info(model)
-    if info.model_type not in SUPPORTED_TYPES:
-        raise UnsupportedModelError(
-            f"{method!r} does not support model type {info.model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}"
-        )
+    route = attention_route(model)
     if info.position_encoding == "alibi":
         slopes = adapters.alibi_slopes(model)
         encoding = AlibiEncoding(slopes)
@@ -52,15 +45,17 @@ def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "bloc
             return RopeEncoding(layout.inv_freq, layout.style)
 
     undo = Undo()
-    install_states(model, lambda: LambdaState(pattern, encoding_fn, impl, block), undo,
-                   hook_cache=info.model_type in INTERFACE_TYPES)
-    if info.model_type in ADAPTER_TYPES:
+    install_states(model, lambda: LambdaState(pattern, encoding_fn, impl, block, method=method,
+                                              model_type=info.model_type), undo, hook_cache=route == "interface")
+    if route == "adapter":
         adapters.replace_attention_forward(model, undo)
-    switch_attn_implementation(model, undo)  # also routes mask creation to our O(n) padding mask
+    elif gptj_uses_attention_interface(model):
+        adapters.gptj_rotary_from_formula(model, undo)
+    switch_attn_implementation(model, ATTN_NAME, undo)  # also routes mask creation to our O(n) padding mask
     num_layers = info.num_layers
 
     def cache_factory(m):
-        return LambdaCache(num_layers, pattern.n_global, pattern.n_local)
+        return LambdaCache(num_layers, pattern.n_global, pattern.n_local, owner=(method, info.model_type))
 
     undo.cache_factory = cache_factory
     use_cache_in_generate(model, cache_factory, undo)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lengthwise.models.compat import PatchNotInForce, cache_from_kwargs, cache_kwargs
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
 from lengthwise.registry import register
@@ -362,7 +363,7 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         batch, length = (ids.shape if ids is not None else embeds.shape[:2])
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs, method, model.config.model_type)
         positions = _call_positions(cache, kwargs, length, batch, (ids if ids is not None else embeds).device)
         seq_len = int(positions.max()) + 1
         state["seq_len"] = seq_len
@@ -398,7 +399,7 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
         state["busy"] = True
         try:  # recompute the prefix under this call's frequencies (state["seq_len"] is already set)
             module(input_ids=record.input_ids, attention_mask=mask, position_ids=record.positions,
-                   past_key_values=cache, use_cache=True)
+                   use_cache=True, **cache_kwargs(module, cache))
         finally:
             state["busy"] = False
 
@@ -413,7 +414,11 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
     def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
         # x: (B, T, hidden) only for dtype/device; position_ids (B, T) -> cos, sin (B, T, rotary_dim)
         require_standard_attention(model, method, "with per-position or length-dependent frequencies")
-        seq_len = state["seq_len"] or int(position_ids.max()) + 1
+        seq_len = state["seq_len"]
+        if seq_len is None:  # the parent's pre-hook fixes the length and syncs the cache; without it both go wrong
+            raise PatchNotInForce(method, model.config.model_type, f"the rotary module ran outside a call of its "
+                                  f"parent {type(parent).__name__} (the pre-hook that follows the length and the KV "
+                                  f"cache was not reached)")
         angles, factor = plan.angles(position_ids, seq_len)
         emb = torch.cat((angles, angles), dim=-1)
         return (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)

@@ -1,34 +1,42 @@
 """Per-family attention forwards for models whose attention cannot be reached through `AttentionInterface`.
 
-Bloom and MPT add their ALiBi bias inside the attention module; GPT-J rotates with a fixed sin/cos table of
-`n_positions` rows (so it cannot even run past its training length). For these, the module's `forward` is replaced
-(reversibly, on the instance) by one that computes q, k, v exactly as the original does and calls
-`lengthwise.attention.hf.attend`. Outputs keep the original return shapes.
+Bloom and MPT add their ALiBi bias inside the attention module; GPT-J (up to transformers 5.23) rotates inside it
+with a fixed sin/cos table of `n_positions` rows (so it cannot even run past its training length). For these, the
+module's `forward` is replaced (reversibly, on the instance) by one that computes q, k, v exactly as the original
+does and calls `lengthwise.attention.hf.attend`. Outputs keep the original return shapes. From 5.24 GPT-J attends
+through AttentionInterface and only its shared table is replaced (`gptj_rotary_from_formula`).
 """
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
 
 from lengthwise.attention.hf import attend
+from lengthwise.models.compat import cache_from_kwargs, gptj_rotary_table
 from lengthwise.rope.rotation import rotate, rotation_angles
 
 
 def alibi_slopes(model) -> torch.Tensor:
-    """Per-head ALiBi slopes (H,), as the model uses them (bias = -slope * distance)."""
-    if model.config.model_type == "bloom":
-        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes  # noqa: PLC0415
+    """Per-head ALiBi slopes (H,), as the model uses them (bias = -slope * distance), from the formulas rather than
+    the families' private helpers. Bloom: the paper's geometric sequence 2^(-8k/H) (with its interleaving for head
+    counts that are not powers of two). MPT: 2^(-k * alibi_bias_max / H') over the next power of two H', odd-indexed
+    slopes first, as MPT's reference code orders them."""
+    config = model.config
+    if config.model_type == "bloom":
+        from lengthwise.lab.encodings.base import alibi_slopes as paper_slopes  # noqa: PLC0415
 
-        return _get_alibi_slopes(model.config.n_head, torch.device("cpu")).float()
-    if model.config.model_type == "mpt":
-        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor  # noqa: PLC0415
-
-        bias_max = model.config.attn_config.alibi_bias_max
-        alibi = build_mpt_alibi_tensor(model.config.n_heads, 2, bias_max)  # (H, 1, 2): [-slope, 0]
-        return -alibi[:, 0, 0].float()
-    raise ValueError(f"no ALiBi slopes for model type {model.config.model_type!r}; accepted: bloom, mpt")
+        return paper_slopes(config.n_head).float()
+    if config.model_type == "mpt":
+        heads, bias_max = config.n_heads, config.attn_config.alibi_bias_max
+        padded = 2 ** math.ceil(math.log2(heads))
+        slopes = 1.0 / torch.pow(2.0, torch.arange(1, padded + 1, dtype=torch.float32) * (bias_max / padded))
+        if padded != heads:
+            slopes = torch.cat([slopes[1::2], slopes[::2]])[:heads]
+        return slopes
+    raise ValueError(f"no ALiBi slopes for model type {config.model_type!r}; accepted: bloom, mpt")
 
 
 def _positions(mask2d, past_seen: int, length: int, device) -> torch.Tensor:
@@ -41,6 +49,12 @@ def _positions(mask2d, past_seen: int, length: int, device) -> torch.Tensor:
 
 def _mask2d(mask):
     return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+
+
+def _layer_cache(module, kwargs: dict):
+    """The KV cache this layer call received, under whichever keyword the release uses."""
+    state = module.__dict__["_lengthwise_lambda"]
+    return cache_from_kwargs(kwargs, state.method, state.model_type)
 
 
 def _cache_and_attend(module, query, key, value, cache, attention_mask, scale) -> torch.Tensor:
@@ -56,31 +70,35 @@ def _cache_and_attend(module, query, key, value, cache, attention_mask, scale) -
     return attend(state, module, query, key, value, mask2d, q_pos, scale)
 
 
-def bloom_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
-                  output_attentions=False, **kwargs):
+def bloom_forward(self, hidden_states, residual, alibi, attention_mask, use_cache=False, output_attentions=False,
+                  **kwargs):
     from transformers.models.bloom.modeling_bloom import dropout_add  # noqa: PLC0415
 
     B, T, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 x (B, H, T, D)
-    context = _cache_and_attend(self, query, key, value, layer_past, attention_mask, self.inv_norm_factor)
+    context = _cache_and_attend(self, query, key, value, _layer_cache(self, kwargs), attention_mask,
+                                self.inv_norm_factor)
     context = context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
     output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
     return output, None
 
 
-def mpt_forward(self, hidden_states, position_bias=None, past_key_values=None, attention_mask=None, **kwargs):
+def mpt_forward(self, hidden_states, position_bias=None, attention_mask=None, **kwargs):
     B, T, _ = hidden_states.shape
     qkv = self.Wqkv(hidden_states)
     if self.clip_qkv:
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     query, key, value = (x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
-    context = _cache_and_attend(self, query, key, value, past_key_values, attention_mask, self.softmax_scale)
+    context = _cache_and_attend(self, query, key, value, _layer_cache(self, kwargs), attention_mask,
+                                self.softmax_scale)
     context = context.transpose(1, 2).reshape(B, T, -1)
     return self.out_proj(context), None
 
 
-def gptj_forward(self, hidden_states, layer_past=None, attention_mask=None, position_ids=None, use_cache=False,
+def gptj_forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
                  output_attentions=False, **kwargs):
+    """Transformers <= 5.23 only (each GPT-J attention layer rotates with its own table)."""
+    layer_past = _layer_cache(self, kwargs)
     B, T, _ = hidden_states.shape
     H, D = self.num_attention_heads, self.head_dim
     query, key, value = (proj(hidden_states).view(B, T, H, D).transpose(1, 2)
@@ -100,6 +118,21 @@ def gptj_forward(self, hidden_states, layer_past=None, attention_mask=None, posi
                      D**-0.5).to(value.dtype)
     context = context.transpose(1, 2).reshape(B, T, H * D)
     return self.resid_dropout(self.out_proj(context)), None
+
+
+def gptj_rotary_from_formula(model, undo) -> None:
+    """Transformers >= 5.24: GPT-J's shared rotary module looks sin/cos up in a table of n_positions rows (an
+    IndexError past the training length); compute them from the formula for any position instead, reversibly."""
+    from lengthwise.attention.hf import shadow_method  # noqa: PLC0415
+    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+
+    layout = rotary_layout(model)
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor):
+        angles = rotation_angles(position_ids, layout.inv_freq)  # (B, T, rotary_dim/2)
+        return angles.sin().to(x.dtype), angles.cos().to(x.dtype)
+
+    shadow_method(gptj_rotary_table(model), "forward", forward, undo)
 
 
 FORWARDS = {"bloom": bloom_forward, "mpt": mpt_forward, "gptj": gptj_forward}

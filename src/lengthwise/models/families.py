@@ -6,8 +6,38 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-ROPE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gpt_neox", "gptj", "olmo", "granite")
-ALIBI_MODEL_TYPES = ("bloom", "mpt")
+# The one model-type table: every family lengthwise claims, its position encoding, and how Λ attention reaches it.
+# "interface": attention runs through transformers' AttentionInterface (q, k arrive rotated);
+# "adapter": the attention module computes its own bias or rotation, so lengthwise.models.adapters replaces its
+# forward. GPT-J is "adapter" up to transformers 5.23 and "interface" from 5.24 (lengthwise.models.compat).
+# Each family has a tiny random config in lengthwise.testing and a row in the shared (method, family) test matrix.
+# Not claimed: gemma2 (its attention logit soft-capping has no counterpart in the Λ kernels).
+FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("rope", "interface"),
+    "mistral": ("rope", "interface"),
+    "qwen2": ("rope", "interface"),
+    "qwen3": ("rope", "interface"),
+    "phi3": ("rope", "interface"),
+    "gemma": ("rope", "interface"),
+    "olmo": ("rope", "interface"),
+    "granite": ("rope", "interface"),
+    "gpt_neox": ("rope", "interface"),
+    "gptj": ("rope", "adapter"),
+    "bloom": ("alibi", "adapter"),
+    "mpt": ("alibi", "adapter"),
+}
+ROPE_MODEL_TYPES = tuple(t for t, (encoding, _) in FAMILIES.items() if encoding == "rope")
+ALIBI_MODEL_TYPES = tuple(t for t, (encoding, _) in FAMILIES.items() if encoding == "alibi")
+
+
+def attention_route(model) -> str:
+    """"interface" or "adapter" for this model (GPT-J's route depends on the transformers release)."""
+    from lengthwise.models.compat import gptj_uses_attention_interface  # noqa: PLC0415
+
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return "interface" if gptj_uses_attention_interface(model) else FAMILIES[model_type][1]
 
 
 class UnsupportedModelError(ValueError):

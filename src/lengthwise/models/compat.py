@@ -1,0 +1,123 @@
+"""The one place that knows transformers' internals: every name we read that is not a documented extension point.
+
+Supported range: `SUPPORTED_TRANSFORMERS` (pyproject declares the same; `make test-compat` runs the default tier on
+both ends). The differences handled here, each found by feature detection rather than by version number:
+
+- the KV-cache keyword: 5.24 renamed `past_key_values` to `cache` in model and attention-layer forwards (the old
+  name is deprecated until 5.40); Bloom's attention layer still calls it `layer_past`. `cache_from_kwargs` reads
+  any of them and raises on a `Cache` passed under a name it does not know; `cache_kwargs` builds the right one.
+- GPT-J: up to 5.23 every attention layer rotates q/k itself from a sin/cos table of `n_positions` rows
+  (`GPTJAttention._get_embed_positions`), so lengthwise replaces that layer's forward; from 5.24 the model holds one
+  `transformer.rotary_emb` table and its attention runs through `ALL_ATTENTION_FUNCTIONS`, so lengthwise takes the
+  standard attention path and only replaces the table lookup by the formula (any position, no table).
+- the attention-implementation switch: `PreTrainedModel.set_attn_implementation` where the model supports it;
+  Bloom and MPT (attention not yet on `AttentionInterface`) refuse it, and for them the config's internal
+  `_attn_implementation_internal` is written (it only routes their mask creation to our O(n) padding mask).
+- cache layers: `generate()` asks `is_croppable` (5.24) before assisted decoding; bounded layers say False.
+
+`PatchNotInForce` is the error every run-time check raises when a patch finds it is not doing what it promised.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = transformers.__version__
+SUPPORTED_TRANSFORMERS = ">=5.20,<5.25"  # keep equal to pyproject's dependency (a test checks)
+CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # model / attention forward keywords that carry the KV cache
+
+
+class PatchNotInForce(RuntimeError):
+    """A patch found at run time that it is not in force (a hook not reached, a bound not kept)."""
+
+    def __init__(self, method: str, model_type: str, what: str, todo: str = "") -> None:
+        supported = "" if version_supported() else f" (outside the supported range {SUPPORTED_TRANSFORMERS})"
+        advice = todo or (f"install a supported release (pip install 'transformers{SUPPORTED_TRANSFORMERS}') "
+                          f"or report this with the versions")
+        super().__init__(f"{method} on model type {model_type!r} with transformers {TRANSFORMERS_VERSION}"
+                         f"{supported}: {what}; {advice}")
+
+
+def version_supported(version: str = TRANSFORMERS_VERSION) -> bool:
+    from packaging.specifiers import SpecifierSet  # noqa: PLC0415
+
+    return Version(version) in SpecifierSet(SUPPORTED_TRANSFORMERS)
+
+
+# ------------------------------------------------------------------------------------------------------- KV cache
+@functools.cache
+def _cache_keyword(forward) -> str:
+    parameters = inspect.signature(forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The keyword this model's forward (and generate) takes the KV cache under."""
+    return _cache_keyword(type(model).forward)
+
+
+def cache_kwargs(model, cache) -> dict[str, Any]:
+    """`model(**inputs, **cache_kwargs(model, cache))`: the cache under the name this release expects."""
+    return {} if cache is None else {cache_keyword(model): cache}
+
+
+def cache_from_kwargs(kwargs: dict, method: str, model_type: str):
+    """The KV cache among a forward's keyword arguments, or None. A `Cache` under an unknown name means the release
+    renamed the keyword again: raise rather than run without the cache the patch must see."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    from transformers.cache_utils import Cache  # noqa: PLC0415
+
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise PatchNotInForce(method, model_type, f"the KV cache arrives as keyword {name!r}, which lengthwise "
+                                  f"does not know (known: {', '.join(CACHE_NAMES)})")
+    return None
+
+
+def output_cache(outputs):
+    """The cache a model call returned (`cache` from 5.24, `past_key_values` before)."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- GPT-J
+def gptj_rotary_table(model):
+    """From 5.24: GPT-J's shared `rotary_emb` (a sin/cos table of n_positions rows); None where each attention layer
+    keeps its own table (<= 5.23)."""
+    return getattr(getattr(model, "transformer", None), "rotary_emb", None)
+
+
+def gptj_uses_attention_interface(model) -> bool:
+    return model.config.model_type == "gptj" and gptj_rotary_table(model) is not None
+
+
+def gptj_layer_table(attention_module, positions):
+    """<= 5.23 only: the per-layer sin/cos table lookup (for tests comparing our rotation with the family's)."""
+    return attention_module._get_embed_positions(positions)
+
+
+# ------------------------------------------------------------------------------------------- attention implementation
+def switch_attn_implementation(model, name: str, undo) -> None:
+    """Point the model and its sub-models at attention implementation `name`; `undo` restores the previous one."""
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs[id(config)] = config
+    if model._can_set_attn_implementation():
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(name)
+        undo.add(lambda: model.set_attn_implementation(previous))
+        return
+    for config in configs.values():  # Bloom, MPT: no public switch; only their mask creation reads it
+        undo.setattr(config, "_attn_implementation_internal", name)

@@ -6,13 +6,15 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lengthwise-installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow test-compat clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the tested versions of every dependency, so set-up is reproducible; a plain
+# `pip install lengthwise` gets the ranges pyproject declares instead (`make test-compat` tests both ends of them).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,5 +31,9 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
 	$(BIN)/python -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
+# The default tier once per boundary release of the supported transformers range, each in a fresh venv (.compat/).
+test-compat:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/compat
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .compat results .pytest_cache

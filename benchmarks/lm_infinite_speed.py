@@ -33,6 +33,7 @@ from lengthwise.attention import LambdaPattern, RopeEncoding, lambda_attention_b
 from lengthwise.attention.cache import LambdaCache
 from lengthwise.eval.speed import cache_bytes
 from lengthwise.io import atomic_write_json, atomic_write_text
+from lengthwise.models.compat import cache_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +148,7 @@ def decode(model, cache, steps: int) -> None:
     """`steps` greedy-shaped decoding steps on `cache`, each at the next position."""
     ids = torch.randint(1, 100, (1, 1))
     for _ in range(steps):
-        model(input_ids=ids, past_key_values=cache, position_ids=torch.tensor([[cache.get_seq_length()]]),
+        model(input_ids=ids, **cache_kwargs(model, cache), position_ids=torch.tensor([[cache.get_seq_length()]]),
               use_cache=True, logits_to_keep=1)
 
 

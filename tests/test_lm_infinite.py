@@ -9,6 +9,7 @@ from lengthwise.attention import AlibiEncoding, LambdaPattern, RopeEncoding, lam
 from lengthwise.attention.cache import LambdaCache
 from lengthwise.rope.rotation import default_inv_freq, rotate, rotation_angles
 from lengthwise.testing import TINY_FAMILIES, random_ids, tiny_model
+from lengthwise.models.compat import cache_kwargs
 
 torch.set_num_threads(1)
 SMALL = dict(n_global=2, n_local=8, distance_limit=16)  # training length 32 below
@@ -132,7 +133,7 @@ def test_generate_with_bounded_cache_equals_recomputation(family, method):
         expected = _recompute_greedy(model, ids, 12)
         cache = handle.new_cache()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, past_key_values=cache, pad_token_id=0)
+                             do_sample=False, **cache_kwargs(model, cache), pad_token_id=0)
         assert torch.equal(out, expected)
         assert cache.get_seq_length() == 40 + 11  # every token seen (the last one is never fed back)
         # globals + window + the token being decoded + spare slots
@@ -148,8 +149,8 @@ def test_decode_memory_is_constant_in_context_length():
         sizes = []
         for n in (50, 200):
             cache = handle.new_cache()
-            model(random_ids(n), past_key_values=cache, use_cache=True)
-            model(random_ids(1), past_key_values=cache, use_cache=True)
+            model(random_ids(n), **cache_kwargs(model, cache), use_cache=True)
+            model(random_ids(1), **cache_kwargs(model, cache), use_cache=True)
             sizes.append(cache.layers[0].keys.shape)
     assert sizes[0] == sizes[1]
 
@@ -160,11 +161,11 @@ def test_decoding_writes_the_cache_in_place():
     model = tiny_model("llama", length=32)
     with api.patch(model, "lm-infinite", n_global=2, n_local=16, distance_limit=16) as handle:
         cache = handle.new_cache()
-        model(random_ids(40), past_key_values=cache, use_cache=True)
+        model(random_ids(40), **cache_kwargs(model, cache), use_cache=True)
         layer = cache.layers[0]
         buffers = set()
         for step in range(40):
-            model(random_ids(1), past_key_values=cache, use_cache=True)
+            model(random_ids(1), **cache_kwargs(model, cache), use_cache=True)
             buffers.add(layer.stored()[0].data_ptr())
             seen = 40 + step + 1
             held = set(layer.positions[0].tolist())

@@ -11,6 +11,7 @@ from lengthwise import api
 from lengthwise.registry import get_method, method_names
 from lengthwise.rope.scaling import logn_scale
 from lengthwise.testing import random_ids, tiny_model
+from lengthwise.models.compat import cache_kwargs
 
 REFERENCE = "lengthwise-test-logn-reference"
 
@@ -48,8 +49,8 @@ def test_logn_during_cached_decoding_uses_absolute_positions():
     with api.patch(model, "logn"):
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        first = model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True).logits
-        steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(12, 20)]
+        first = model(input_ids=ids[:, :12], **cache_kwargs(model, cache), use_cache=True).logits
+        steps = [model(input_ids=ids[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True).logits for i in range(12, 20)]
     torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
 
 

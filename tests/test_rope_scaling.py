@@ -18,6 +18,7 @@ from lengthwise.rope import scaling as S
 from lengthwise.rope.export import to_rope_parameters
 from lengthwise.rope.factors import read_factors_file, save_factors
 from lengthwise.testing import random_ids, tiny_model
+from lengthwise.models.compat import cache_kwargs
 
 # ------------------------------------------------------------------------------------- pure functions vs transformers
 GRID = [(hd, prf, f) for hd in (16, 64, 128) for prf in (1.0, 0.5) for f in (1.5, 4.0, 16.0)]
@@ -201,14 +202,14 @@ def test_switching_forward_equals_static_swap_in_each_regime():
 def _cached_vs_scratch(model, ids, steps):
     """Greedy decode with a DynamicCache; at every step compare the logits with a full forward of the prefix."""
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
     worst = 0.0
     for _ in range(steps):
         scratch = model(input_ids=ids, use_cache=False).logits[:, -1]
         worst = max(worst, (logits - scratch).abs().max().item())
         token = scratch.argmax(-1, keepdim=True)
         ids = torch.cat([ids, token], dim=1)
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
     return worst
 
 
@@ -288,10 +289,10 @@ def test_rerotate_mode_fixes_the_first_layer_and_shrinks_the_gap():
     ids = random_ids(16)
     with api.patch(model, "dynamic-ntk:on_change=rerotate"):
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True)
-        model(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :12], **cache_kwargs(model, cache), use_cache=True)
+        model(input_ids=ids[:, 12:], **cache_kwargs(model, cache), use_cache=True)
         fresh = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=fresh, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, fresh), use_cache=True)
         torch.testing.assert_close(cache.layers[0].keys, fresh.layers[0].keys, rtol=1e-5, atol=1e-5)
         rerotated = _cached_vs_scratch(model, random_ids(6), steps=8)
     with api.patch(model, "dynamic-ntk:on_change=rebuild"):

@@ -7,6 +7,7 @@ import torch
 from lengthwise.api import patch
 from lengthwise.models.families import model_info
 from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.models.compat import cache_kwargs
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def generate(model, input_ids: torch.Tensor, method: str = "vanilla", max_new_to
         return generate_sliding_window(model, input_ids, max_new_tokens, window)[0, input_ids.shape[1] :]
     with patch(model, method) as handle:
         cache = handle.new_cache()
-        kwargs = {"past_key_values": cache} if cache is not None else {}
+        kwargs = cache_kwargs(model, cache)
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),

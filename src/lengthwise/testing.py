@@ -10,20 +10,32 @@ import functools
 
 import torch
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gpt_neox", "gptj", "bloom", "mpt")
-ROPE_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gpt_neox", "gptj")
-ALIBI_FAMILIES = ("bloom", "mpt")
+from lengthwise.models.families import ALIBI_MODEL_TYPES, FAMILIES, ROPE_MODEL_TYPES
+
+# every family of the one model-type table has a tiny config here (a test checks), so the shared matrix covers it
+TINY_FAMILIES = tuple(FAMILIES)
+ROPE_FAMILIES = ROPE_MODEL_TYPES
+ALIBI_FAMILIES = ALIBI_MODEL_TYPES
 VOCAB = 320
+# Llama-like families: (config class name, extra settings)
+LLAMA_LIKE = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"sliding_window": None}),
+    "qwen3": ("Qwen3Config", {"sliding_window": None, "head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "olmo": ("OlmoConfig", {}),
+    "granite": ("GraniteConfig", {"attention_multiplier": 0.2}),  # a scale other than head_dim^-0.5
+}
 
 
 def _config(family: str, length: int, **overrides):
     import transformers as tf  # noqa: PLC0415
 
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
-    if family in ("llama", "mistral", "qwen2"):
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        extra = {"sliding_window": None} if family != "llama" else {}
-        cfg = cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    if family in LLAMA_LIKE:
+        class_name, extra = LLAMA_LIKE[family]
+        cfg = getattr(tf, class_name)(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=length,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra, **common)
     elif family == "phi3":

@@ -118,15 +118,27 @@ def install_states(model, make_state, undo, hook_cache: bool) -> None:
 
 
 def use_cache_in_generate(model, cache_factory, undo) -> None:
-    """Make a plain `model.generate()` on the patched model use the bounded cache unless one is passed."""
+    """Make a plain `model.generate()` on the patched model use the bounded cache unless one is passed. While it
+    runs, a forward call that gets no cache (Phi-3 drops it once to recompute the prompt under its long-context
+    frequencies) gets a fresh bounded one instead of an unbounded DynamicCache."""
     original = model.generate
+
+    def keep_bounded(module, args, kwargs):
+        if kwargs.get("use_cache", True) and all(kwargs.get(name) is None for name in CACHE_NAMES):
+            return args, {**kwargs, **cache_kwargs(model, cache_factory(model))}
+        return None
 
     def generate(*args, **kwargs):
         cache = next((kwargs.pop(name) for name in CACHE_NAMES if kwargs.get(name) is not None), None)
         cache = cache_factory(model) if cache is None else cache
-        if isinstance(cache, LambdaCache):
-            kwargs.setdefault("use_cache", True)  # some configs (e.g. MPT) default to use_cache=False
-        return original(*args, **kwargs, **cache_kwargs(model, cache))
+        if not isinstance(cache, LambdaCache):
+            return original(*args, **kwargs, **cache_kwargs(model, cache))
+        kwargs.setdefault("use_cache", True)  # some configs (e.g. MPT) default to use_cache=False
+        hook = model.register_forward_pre_hook(keep_bounded, with_kwargs=True)
+        try:
+            return original(*args, **kwargs, **cache_kwargs(model, cache))
+        finally:
+            hook.remove()
 
     generate.__doc__ = original.__doc__
     shadow_method(model, "generate", generate, undo)

@@ -21,6 +21,7 @@ from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.models.compat import cache_kwargs
 
 NUM_BUCKETS = 32
 
@@ -45,7 +46,7 @@ def nll_one_pass(model, ids: torch.Tensor, chunk_size: int | None = None, cache=
     pieces = []
     for start in range(0, len(ids), chunk_size):
         chunk = ids[start : start + chunk_size]
-        logits = model(input_ids=chunk[None], past_key_values=cache, use_cache=True).logits[0]  # (C, V)
+        logits = model(input_ids=chunk[None], **cache_kwargs(model, cache), use_cache=True).logits[0]  # (C, V)
         targets = ids[start + 1 : start + 1 + len(chunk)]
         pieces.append(_token_nll(logits[: len(targets)], targets).cpu())
     return torch.cat(pieces)

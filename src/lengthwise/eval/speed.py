@@ -25,6 +25,7 @@ from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, i
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.models.compat import cache_kwargs
 
 WARMUP_TOKENS = 32
 
@@ -153,7 +154,7 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
             cache = DynamicCache(config=model.config)
 
         def step(chunk: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            return model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
 
         prefill, logits = _timed(lambda: step(ids), device)
         times = []

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lengthwise.temp_lora.adapter import attach_lora, check_targets, save_adapter
 from lengthwise.temp_lora.config import TempLoraConfig
 from lengthwise.temp_lora.cost import CostMeter, causal_pairs, model_cost
+from lengthwise.models.compat import cache_kwargs
 
 
 class TempLoraSession:
@@ -111,7 +112,7 @@ class TempLoraSession:
             return
         with self.meter.timed("reencode"):
             ids = torch.tensor([self.ids[start : self._fed]], device=self.device)
-            self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, **cache_kwargs(self.model, self._cache), use_cache=True, logits_to_keep=1)
         self.meter.reencode_tokens += n
         self.meter.reencode_pairs += causal_pairs(n, 0)
         self.meter.reencodes += 1
@@ -127,7 +128,7 @@ class TempLoraSession:
         cached = self._fed - self._cache_start
         with self.meter.timed("score"):
             ids = torch.tensor([self.ids[self._fed : self._fed + count]], device=self.device)
-            logits = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True).logits[0].float()
+            logits = self.model(input_ids=ids, **cache_kwargs(self.model, self._cache), use_cache=True).logits[0].float()
         self.meter.score_tokens += count
         self.meter.score_pairs += causal_pairs(count, cached)
         self._fed += count

@@ -239,3 +239,16 @@ def test_composes_with_rope_scaling():
         fast = model(ids).logits
         assert torch.equal(model.model.rotary_emb.inv_freq, rescaled_inv_freq)
     torch.testing.assert_close(fast, eager, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_mask_mod_is_the_rule_the_reference_uses(pattern):
+    """The one Λ rule as a FlexAttention-style mask function equals the eager reference's visibility."""
+    from lengthwise.attention.pattern import mask_mod, visibility  # noqa: PLC0415
+
+    pos = torch.arange(70)[None]
+    visible, _, _ = visibility(pos, pos, None, pattern)  # (1, 1, 70, 70)
+    rule = mask_mod(pattern)
+    by_index = rule(0, 0, torch.arange(70)[:, None], torch.arange(70)[None, :])
+    assert torch.equal(by_index, visible[0, 0])
+    assert bool(by_index[69, 0]) == (pattern.n_global > 0) and not bool(by_index[69, 69 - pattern.n_local])

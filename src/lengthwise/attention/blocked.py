@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads
+from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads, visibility
 
 
 def global_candidates(k_pos: torch.Tensor, k_valid: torch.Tensor | None, n_global: int) -> int:
@@ -32,15 +32,9 @@ def global_candidates(k_pos: torch.Tensor, k_valid: torch.Tensor | None, n_globa
 def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding, scale):
     """Scores of a query block against the G global candidates. Returns out (B, H, Bq, D) and lse (B, H, Bq)."""
     scores = (qb @ kg.transpose(-1, -2)).float() * scale  # (B, H, Bq, G); float32 like the fused kernel's lse
-    d = pb[:, None, :, None] - kpos_g[:, None, None, :]  # (B, 1, Bq, G)
-    is_global = (kpos_g < pattern.n_global)[:, None, None, :]
-    local = (d >= 0) & (d < pattern.n_local)
-    visible = (d >= 0) & (local | is_global)
-    if kvalid_g is not None:
-        visible = visible & kvalid_g[:, None, None, :]
+    visible, limited, d = visibility(pb, kpos_g, kvalid_g, pattern)  # (B, 1, Bq, G)
     if pattern.limit is not None:
         cap = pattern.cap(kpos_g)[:, None, None, :]
-        limited = visible & is_global & ~local & (d > cap)
     if isinstance(encoding, RopeEncoding) and pattern.limit is not None:
         q_lim = encoding.limited_query(qb, pb, pattern)
         scores = torch.where(limited, (q_lim @ kg_anchor.transpose(-1, -2)).float() * scale, scores)
@@ -57,11 +51,9 @@ def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding,
 
 def _band_mask(pb, kpos_band, kvalid_band, n_local, slopes, dtype):
     """Additive mask (B, 1 or H, Bq, band) of a query block against its band of keys: 0 visible, -inf hidden,
-    minus slope * distance for ALiBi."""
-    d = pb[:, None, :, None] - kpos_band[:, None, None, :]  # (B, 1, Bq, band)
-    visible = (d >= 0) & (d < n_local)
-    if kvalid_band is not None:
-        visible = visible & kvalid_band[:, None, None, :]
+    minus slope * distance for ALiBi. The band holds no global keys, so the rule reduces to its local branch."""
+    local_only = LambdaPattern(n_global=0, n_local=n_local, limit=None)
+    visible, _, d = visibility(pb, kpos_band, kvalid_band, local_only)  # (B, 1, Bq, band)
     mask = torch.zeros(visible.shape, dtype=dtype, device=pb.device).masked_fill_(~visible, float("-inf"))
     if slopes is not None:
         mask = mask - slopes * d.to(dtype)

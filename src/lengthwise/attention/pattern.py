@@ -72,18 +72,36 @@ def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def visibility(q_pos, k_pos, k_valid, pattern: LambdaPattern):
-    """Boolean (B, 1, Tq, Tk) masks: visible, limited (scored at the capped distance), and distances d."""
-    d = q_pos[:, None, :, None] - k_pos[:, None, None, :]  # (B, 1, Tq, Tk)
-    is_global = (k_pos < pattern.n_global)[:, None, None, :]
+def lambda_rule(pattern: LambdaPattern, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """The Λ visibility rule, written once: q_pos and k_pos broadcastable position tensors (e.g. (B, 1, Tq, 1) and
+    (B, 1, 1, Tk)) -> visible, limited (a global key outside the window, beyond its cap: scored at the capped
+    distance) and the distances d = q - k. Every kernel and mask derives from it (see `mask_mod`)."""
+    d = q_pos - k_pos
+    is_global = (k_pos >= 0) & (k_pos < pattern.n_global)  # relative positions (< 0) in band masks are never global
     local = (d >= 0) & (d < pattern.n_local)
     visible = (d >= 0) & (local | is_global)
-    if k_valid is not None:
-        visible = visible & k_valid[:, None, None, :]
     if pattern.limit is None:
         limited = torch.zeros_like(visible)
     else:
-        limited = visible & is_global & ~local & (d > pattern.cap(k_pos)[:, None, None, :])
+        limited = visible & is_global & ~local & (d > pattern.cap(k_pos))
+    return visible, limited, d
+
+
+def mask_mod(pattern: LambdaPattern):
+    """The rule as a mask function (b, h, q_idx, kv_idx) -> bool, in the style of transformers' masking_utils and
+    FlexAttention, for keys at positions 0..n-1 (a full cache)."""
+    def visible(batch_idx, head_idx, q_idx, kv_idx):
+        return lambda_rule(pattern, q_idx, kv_idx)[0]
+
+    return visible
+
+
+def visibility(q_pos, k_pos, k_valid, pattern: LambdaPattern):
+    """Boolean (B, 1, Tq, Tk) masks: visible, limited (scored at the capped distance), and distances d."""
+    visible, limited, d = lambda_rule(pattern, q_pos[:, None, :, None], k_pos[:, None, None, :])  # (B, 1, Tq, Tk)
+    if k_valid is not None:
+        visible = visible & k_valid[:, None, None, :]
+        limited = limited & k_valid[:, None, None, :]
     return visible, limited, d
 
 

@@ -7,7 +7,8 @@ from lengthwise import api
 from lengthwise.attention import AlibiEncoding, LambdaPattern, RopeEncoding, lambda_attention_blocked, \
     lambda_attention_reference
 from lengthwise.attention.cache import LambdaCache
-from lengthwise.rope.rotation import default_inv_freq, rotate, rotation_angles
+from lengthwise.rope.rotation import rotate, rotation_angles
+from lengthwise.rope.scaling import base_inv_freq as default_inv_freq
 from lengthwise.testing import TINY_FAMILIES, random_ids, tiny_model
 from lengthwise.models.compat import cache_kwargs
 

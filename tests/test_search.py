@@ -17,10 +17,10 @@ from lengthwise.search.evolution import (
     mutate,
     next_population,
 )
+from lengthwise.rope.scaling import longrope_attention_factor as attention_factor
 from lengthwise.search.space import (
     Candidate,
     SearchSpace,
-    attention_factor,
     ntk_factors,
     rescale_candidate,
     seed_candidates,

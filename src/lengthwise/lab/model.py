@@ -30,6 +30,7 @@ from torch import nn
 
 from lengthwise.io import atomic_torch_save, atomic_write_json
 from lengthwise.lab.encodings import build_encoding, encoding_config
+from lengthwise.rope.scaling import logn_scale
 
 LAB_MARKER = "lengthwise_lab.json"
 MODEL_TYPE = "lengthwise-lab"
@@ -97,11 +98,6 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None 
     if block is not None:
         allowed &= k_pos[None, :] >= (q_pos[:, None] // block - 1).clamp(min=0) * block
     return allowed
-
-
-def logn_scale(q_index: torch.Tensor, train_length: int) -> torch.Tensor:
-    """(Tq,) factor max(1, log(i + 1) / log(L_train)): 1 inside the training length, growing slowly past it."""
-    return (torch.log(q_index.float() + 1) / math.log(train_length)).clamp(min=1.0)
 
 
 class RMSNorm(nn.Module):

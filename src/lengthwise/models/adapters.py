@@ -72,14 +72,12 @@ def _cache_and_attend(module, query, key, value, cache, attention_mask, scale) -
 
 def bloom_forward(self, hidden_states, residual, alibi, attention_mask, use_cache=False, output_attentions=False,
                   **kwargs):
-    from transformers.models.bloom.modeling_bloom import dropout_add  # noqa: PLC0415
-
     B, T, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 x (B, H, T, D)
     context = _cache_and_attend(self, query, key, value, _layer_cache(self, kwargs), attention_mask,
                                 self.inv_norm_factor)
     context = context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-    output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
+    output = residual + torch.nn.functional.dropout(self.dense(context), self.hidden_dropout, self.training)
     return output, None
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lengthwise.rope.scaling import base_inv_freq
+
 
 @dataclass(frozen=True)
 class RotaryLayout:
@@ -30,12 +32,7 @@ class RotaryLayout:
         """Current inverse frequencies (rotary_dim/2,), as the model uses them now (a patched method's included)."""
         if self.rotary_module is not None:
             return self.rotary_module.inv_freq.float()
-        return default_inv_freq(self.rotary_dim, self.base)
-
-
-def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    """theta_i = base^(-2i/d), i = 0..d/2-1; shape (d/2,)."""
-    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)).float()
+        return base_inv_freq(self.rotary_dim, self.base)
 
 
 def rotation_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

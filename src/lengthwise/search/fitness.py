@@ -88,11 +88,11 @@ class PerplexityFitness:
         return value if math.isfinite(value) else math.inf
 
     def _attention(self) -> float:
-        from lengthwise.search.space import attention_factor  # noqa: PLC0415
+        from lengthwise.rope.scaling import longrope_attention_factor  # noqa: PLC0415
 
         if self.attention_factor is not None:
             return float(self.attention_factor)
-        return attention_factor(self.scale, self.pretrain_length)
+        return longrope_attention_factor(self.scale, self.pretrain_length)
 
 
 def direct_longrope_patch(model, candidate: Candidate, pretrain_length: int, attention: float) -> Undo:
@@ -100,13 +100,14 @@ def direct_longrope_patch(model, candidate: Candidate, pretrain_length: int, att
 
     Long regime only (no switch). Replaces the forward of the model's rotary module (half layout models).
     """
-    from lengthwise.rope.rotation import default_inv_freq, rotary_layout  # noqa: PLC0415
+    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.rope.scaling import base_inv_freq  # noqa: PLC0415
 
     layout = rotary_layout(model)
     rotary = layout.rotary_module
     if rotary is None:
         raise ValueError("direct_longrope_patch needs a model with a rotary_emb module")
-    theta = default_inv_freq(layout.rotary_dim, layout.base).double()  # (d/2,)
+    theta = base_inv_freq(layout.rotary_dim, layout.base).double()  # (d/2,)
     lam = torch.tensor(candidate.lambdas, dtype=torch.float64)
     if lam.shape != theta.shape:
         raise ValueError(f"candidate has {lam.numel()} factors; this model needs {theta.numel()}")

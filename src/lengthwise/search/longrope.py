@@ -26,12 +26,12 @@ from lengthwise.search.backends import RayBackend, SerialBackend, ray_available
 from lengthwise.search.checkpoint import load_checkpoint, save_checkpoint
 from lengthwise.search.evolution import EvolutionConfig, SearchState, evolve
 from lengthwise.search.fitness import FitnessFactory, PerplexityFitness
+from lengthwise.rope.scaling import longrope_attention_factor as attention_factor
 from lengthwise.search.space import (
     GRID,
     PAPER_N_HAT,
     Candidate,
     SearchSpace,
-    attention_factor,
     rescale_candidate,
     seed_candidates,
 )

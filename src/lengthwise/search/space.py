@@ -128,8 +128,3 @@ def rescale_candidate(c: Candidate, old_scale: float, space: SearchSpace) -> Can
     return space.snap([lam * ratio for lam in c.lambdas], c.n_hat)
 
 
-def attention_factor(scale: float, pretrain_length: int) -> float:
-    """LongRoPE's cos/sin scale √(1 + ln s / ln L) (1 when s <= 1), as transformers computes it."""
-    if scale <= 1.0:
-        return 1.0
-    return math.sqrt(1 + math.log(scale) / math.log(pretrain_length))

@@ -72,13 +72,20 @@ def test_patch_remove_restores_bit_identical_logits(name, family):
     model = tiny_model(family, length=32)
     ids = random_ids(80)
     inside = ids[:, :32]  # GPT-J and MPT cannot run unpatched past their training length
-    before = model(inside).logits
+    prompt = ids[:, :20]
+
+    def greedy():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)
+
+    before, generated = model(inside).logits, greedy()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     handle = api.patch(model, name)
     patched = model(ids).logits
     assert patched.isfinite().all()
     handle.remove()
     assert torch.equal(model(inside).logits, before)
+    assert torch.equal(greedy(), generated)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 

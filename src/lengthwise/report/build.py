@@ -1,4 +1,4 @@
-"""`build_report`: Markdown tables and PNG plots for any mix of ppl / passkey / gen-quality / bench results."""
+"""`build_report`: Markdown tables and PNG plots for any mix of ppl / passkey / gen-quality / bench / ruler results."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from lengthwise.report.tasks import (
     plot_gen_quality,
     plot_passkey_by_length,
     plot_passkey_heatmap,
+    plot_ruler_heatmap,
+    ruler_tables,
     slug,
 )
 
@@ -80,6 +82,13 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, title: str = 
         lines += ["## Speed and memory", "", bench_tables(records), ""]
         plot_bench([r for r in records if r["task"] == "bench"], out_dir / "bench.png")
         figure("bench.png", "prefill, decode and peak memory by length")
+    if group(records, "ruler"):
+        lines += ["## RULER-style tasks", "", "Mean recall of the expected strings in the greedy answer:", "",
+                  ruler_tables(records), ""]
+        for (model, data), rows in group(records, "ruler").items():
+            name = f"ruler_{slug(model)}_{slug(data)}.png"
+            plot_ruler_heatmap(rows, out_dir / name)
+            figure(name, f"RULER-style recall by task and length, {model}")
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

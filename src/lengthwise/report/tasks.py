@@ -13,7 +13,7 @@ from pathlib import Path
 from lengthwise.report.plots import _pyplot, save_figure
 from lengthwise.report.tables import markdown_table, ppl_table
 
-TASKS = ("ppl", "passkey", "gen-quality", "bench")
+TASKS = ("ppl", "passkey", "gen-quality", "bench", "ruler")
 
 
 def group(records: list[dict], task: str) -> dict[tuple[str, str], list[dict]]:
@@ -233,7 +233,8 @@ def task_tables(records: list[dict]) -> str:
     parts = []
     if any(r.get("task") == "ppl" for r in records):
         parts.append(ppl_table([r for r in records if r.get("task") == "ppl"]))
-    for task, fn in (("passkey", passkey_tables), ("gen-quality", gen_quality_tables), ("bench", bench_tables)):
+    for task, fn in (("passkey", passkey_tables), ("gen-quality", gen_quality_tables), ("bench", bench_tables),
+                     ("ruler", ruler_tables)):
         if any(r.get("task") == task for r in records):
             parts.append(fn(records))
     return "\n\n".join(parts)
@@ -241,3 +242,60 @@ def task_tables(records: list[dict]) -> str:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "results"
+
+
+# --- RULER-style tasks -----------------------------------------------------------------------------------------
+
+
+def ruler_tables(records: list[dict]) -> str:
+    """One table per (model, haystack): rows method / task, columns lengths, cells mean recall over depths."""
+    blocks = []
+    for (model, data), rows in group(records, "ruler").items():
+        latest = {(r["method"], r["ruler_task"], r["length"], r["depth"]): r for r in rows}
+        lengths = sorted({key[2] for key in latest})
+        samples = sorted({r["metrics"]["samples"] for r in latest.values()})
+        header = [f"RULER recall ({model}, haystack {data}; {'/'.join(map(str, samples))} samples per cell)"]
+        body = []
+        for method in _methods(rows):
+            for task in dict.fromkeys(r["ruler_task"] for r in rows):
+                line = [f"{method} / {task}"]
+                for n in lengths:
+                    cells = [r["metrics"]["recall"] for k, r in latest.items() if k[:3] == (method, task, n)]
+                    line.append(f"{sum(cells) / len(cells):.2f}" if cells else "-")
+                body.append(line)
+        blocks.append(markdown_table(header + [str(n) for n in lengths], body))
+    return "\n\n".join(blocks)
+
+
+def plot_ruler_heatmap(records: list[dict], path: str | Path) -> None:
+    """Recall by task (y) and length (x), one panel per method (first model in the records)."""
+    plt = _pyplot()
+    groups = group(records, "ruler")
+    if not groups:
+        raise ValueError("no RULER records to plot")
+    (model, data), rows = next(iter(groups.items()))
+    methods, tasks = _methods(rows), list(dict.fromkeys(r["ruler_task"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 0.45 * len(tasks) + 1.6), squeeze=False,
+                             constrained_layout=True)
+    image = None
+    for index, (ax, method) in enumerate(zip(axes.flat, methods)):
+        cells: dict = defaultdict(list)
+        for r in rows:
+            if r["method"] == method:
+                cells[(r["ruler_task"], r["length"])].append(r["metrics"]["recall"])
+        grid = [[sum(cells[(t, n)]) / len(cells[(t, n)]) if cells[(t, n)] else float("nan") for n in lengths]
+                for t in tasks]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if value == value:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks if index == 0 else [""] * len(tasks), fontsize=7)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("length (tokens)", fontsize=8)
+    fig.suptitle(f"RULER-style recall, {model}, haystack {data}", fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="recall")
+    save_figure(fig, path)

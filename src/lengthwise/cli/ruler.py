@@ -1,0 +1,55 @@
+"""`lengthwise ruler`: RULER-style long-context tasks (data/ruler.py) under any method, with table and heat-map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from lengthwise.cli.app import app
+from lengthwise.cli.tasks import SCALED_HELP, _checked, _parse_numbers
+
+console = Console()
+
+
+@app.command("ruler")
+def ruler_command(
+    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    tasks: str = typer.Option("niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,"
+                              "common_words", help="comma-separated RULER-style tasks"),
+    lengths: str = typer.Option("256,512,1024", help="comma-separated prompt lengths in tokens"),
+    depths: str = typer.Option("50", help="comma-separated depths of the task sentences, percent (0..100)"),
+    method: list[str] = typer.Option(["vanilla", "lm-infinite"], "--method", "-m", help=SCALED_HELP),
+    samples: int = typer.Option(3, min=1, help="prompts per cell (seeds --seed .. --seed+samples-1)"),
+    seed: int = typer.Option(0),
+    haystack: str = typer.Option("filler", help="'filler' (the passkey filler) or a corpus: pg19-dev, a file, a folder"),
+    out: Path = typer.Option(Path("results/ruler.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
+    plot: Path = typer.Option(None, help="PNG heat-map of recall by task and length (default: next to --out)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """RULER-style tasks (needle variants, variable tracking, common words): recall by (method, task, length)."""
+    from lengthwise.api import load_model  # noqa: PLC0415
+    from lengthwise.eval.passkey import check_depths  # noqa: PLC0415
+    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
+    from lengthwise.eval.ruler import MIN_LENGTH, check_tasks, ruler  # noqa: PLC0415
+    from lengthwise.eval.tasks import check_lengths, check_specs  # noqa: PLC0415
+    from lengthwise.report.tasks import plot_ruler_heatmap, ruler_tables  # noqa: PLC0415
+
+    task_list = _checked(check_tasks, [t.strip() for t in tasks.split(",") if t.strip()])
+    length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), MIN_LENGTH, "RULER length")
+    depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
+    _checked(check_specs, method)
+    text = None
+    if haystack != "filler":
+        from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
+
+        text = " ".join(doc.text for doc in _checked(load_corpus, haystack))
+    lm, tokenizer = load_model(model)
+    records = ruler(lm, tokenizer, task_list, length_list, depth_list, method, samples=samples, seed=seed,
+                    haystack=text, haystack_name=haystack, results=ResultsFile(out), model_name=model,
+                    progress=not quiet)
+    console.print(ruler_tables(records))
+    plot = plot or out.with_suffix(".png")
+    plot_ruler_heatmap(records, plot)
+    console.print(f"results: {out}\nheat-map: {plot}")

@@ -22,7 +22,8 @@ def test_samples_are_deterministic_and_of_the_asked_length(task, tokenizer):
     assert a == make_ruler_sample(tokenizer, task, 1024, 0.5, seed=3)
     assert a.expected != make_ruler_sample(tokenizer, task, 1024, 0.5, seed=4).expected
     n = len(tokenizer(a.prompt, add_special_tokens=False)["input_ids"])
-    assert 1024 - 40 <= n <= 1024, n
+    slack = 40 if task != "common_words" else 128  # the word list grows by whole rounds of words
+    assert 1024 - slack <= n <= 1024, n
     assert all(str(e) in a.prompt for e in a.expected) or task == "common_words"
     assert a.prompt.endswith(a.answer_prefix)
 

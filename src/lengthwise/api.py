@@ -21,8 +21,14 @@ def bundled_models() -> list[str]:
 
 
 def resolve_model_path(name_or_path: str) -> str:
+    """A loadable HF folder (or hub id) for a bundled name, a folder, a GGUF file or folder, or a real model name."""
+    from lengthwise.models.real import convert_gguf, find_gguf  # noqa: PLC0415
+
     if name_or_path in bundled_models():
         return str(REFERENCE_MODELS_DIR / name_or_path)
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        return str(convert_gguf(gguf))
     path = Path(name_or_path)
     if path.is_dir():
         if not ((path / "config.json").exists() or (path / LAB_MARKER).exists()):
@@ -36,7 +42,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str, dtype: Any = None, device: str = "cpu"):
-    """Return `(model, tokenizer)` for a bundled reference model name, a local folder, or a hub id.
+    """Return `(model, tokenizer)` for a bundled reference model name, a local folder, a GGUF file (or a folder
+    holding one), a registered real model (`lengthwise.models.real.REAL_MODELS`, e.g. "smollm2-135m"), or a hub id.
 
     Bundled models: see `bundled_models()`. Weights are loaded in float32 unless `dtype` says otherwise.
     """

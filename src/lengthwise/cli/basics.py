@@ -30,11 +30,22 @@ def list_methods(markdown: bool = typer.Option(False, help="print the Markdown p
 
 @app.command("models")
 def list_models() -> None:
-    """List the bundled reference models."""
-    from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
+    """List the bundled tiny reference models and the registered real models (source, training length, where)."""
+    import json  # noqa: PLC0415
 
+    from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
+    from lengthwise.models.real import REAL_MODELS, installed_file  # noqa: PLC0415
+
+    table = Table("model", "kind", "training length", "source", "where")
     for name in bundled_models():
-        console.print(f"{name}  ({REFERENCE_MODELS_DIR / name})")
+        config = json.loads((REFERENCE_MODELS_DIR / name / "config.json").read_text())
+        table.add_row(name, "bundled tiny", str(config.get("max_position_embeddings", "?")),
+                      "trained by lengthwise.training.reference", str(REFERENCE_MODELS_DIR / name))
+    for name, real in REAL_MODELS.items():
+        path = installed_file(real)
+        table.add_row(name, f"real ({real.licence})", str(real.pretrain_length), real.source,
+                      str(path) if path else f"not installed: {real.install}")
+    console.print(table)
 
 
 @app.command("ppl")

@@ -7,7 +7,7 @@ from lengthwise.testing import ALIBI_FAMILIES, ROPE_FAMILIES, TINY_FAMILIES, ran
 
 
 def test_load_model_unknown_name_lists_bundled(tmp_path):
-    with pytest.raises(FileNotFoundError, match="bundled models"):
+    with pytest.raises(FileNotFoundError, match="neither a bundled model"):
         api.load_model(str(tmp_path / "nothing-here"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -36,8 +36,12 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"folder {path} holds no config.json (nor {LAB_MARKER}); bundled models: {', '.join(bundled_models())}"
             )
         return str(path)
-    if path.exists() or name_or_path.startswith((".", "/")):
-        raise FileNotFoundError(f"{name_or_path} is not a model folder; bundled models: {', '.join(bundled_models())}")
+    if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
+        from lengthwise.models.real import REAL_MODELS  # noqa: PLC0415
+
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a bundled model ({', '.join(bundled_models())}), a real model "
+            f"({', '.join(REAL_MODELS)}), a model folder, a .gguf file, nor a hub id (ORG/NAME)")
     return name_or_path  # a hub id
 
 

@@ -1,7 +1,17 @@
-"""The `lengthwise` command line. Each module of this package adds its commands to `app`."""
+"""The `lengthwise` command line. Each module of this package adds its commands to `app`; `main` is the entry point.
+
+Bad input gets one line on stderr (`error: ...`, what was wrong and what is accepted) and exit code 2, never a
+traceback: typer answers malformed options itself, and `main` turns the errors lengthwise raises for bad input
+(ValueError, FileNotFoundError, ...) into that line. `--debug` (anywhere on the command line) or
+`LENGTHWISE_DEBUG=1` shows the traceback instead.
+"""
 
 import importlib
+import os
 import pkgutil
+import sys
+
+import typer
 
 from lengthwise.cli.app import app
 
@@ -9,4 +19,33 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "app":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["app"]
+from lengthwise.models.compat import PatchNotInForce  # noqa: E402
+
+USAGE_ERROR = typer.BadParameter.__bases__[0]  # click's UsageError, as typer ships it
+# what bad input raises; anything else is a defect of ours and keeps its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+               ModuleNotFoundError, MemoryError, PatchNotInForce)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LENGTHWISE_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        code = app(args=args, prog_name="lengthwise", standalone_mode=False)
+    except USAGE_ERROR as err:  # typer's own checks and our BadParameter: the same one line, not a framed box
+        if debug:
+            raise
+        print(f"error: {' '.join(err.format_message().split())} (lengthwise {err.ctx.info_name if err.ctx else ''}"
+              f" --help lists what is accepted)", file=sys.stderr)
+        sys.exit(2)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+__all__ = ["app", "main"]

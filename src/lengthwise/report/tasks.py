@@ -77,6 +77,17 @@ def passkey_depth_tables(records: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+def _heat_panel(ax, grid: list[list[float]], lengths: list[int], spec: str):
+    """One heat-map panel of scores in [0, 1] (rows x lengths), each cell labelled; NaN cells stay blank."""
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            if value == value:  # not NaN
+                ax.text(j, i, format(value, spec), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+    return image
+
+
 def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
     """Accuracy by depth (y) and length (x), one panel per method (first model in the records)."""
     plt = _pyplot()
@@ -95,12 +106,7 @@ def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
     for index, (ax, method) in enumerate(zip(axes.flat, methods)):
         cells = {(r["depth"], r["length"]): r["metrics"]["accuracy"] for r in rows if r["method"] == method}
         grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        for i, line in enumerate(grid):
-            for j, value in enumerate(line):
-                if value == value:  # not NaN
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        image = _heat_panel(ax, grid, lengths, ".1f")
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
         ax.set_title(method, fontsize=9)
         if index // columns == lines - 1 or index + columns >= len(methods):  # bottom panel of its column
@@ -286,12 +292,7 @@ def plot_ruler_heatmap(records: list[dict], path: str | Path) -> None:
                 cells[(r["ruler_task"], r["length"])].append(r["metrics"]["recall"])
         grid = [[sum(cells[(t, n)]) / len(cells[(t, n)]) if cells[(t, n)] else float("nan") for n in lengths]
                 for t in tasks]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i, line in enumerate(grid):
-            for j, value in enumerate(line):
-                if value == value:
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        image = _heat_panel(ax, grid, lengths, ".2f")
         ax.set_yticks(range(len(tasks)), tasks if index == 0 else [""] * len(tasks), fontsize=7)
         ax.set_title(method, fontsize=9)
         ax.set_xlabel("length (tokens)", fontsize=8)

@@ -36,11 +36,28 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (no final newline: its writer was killed mid-write) off the file, so the next record
+    starts on a line of its own instead of being glued to the fragment."""
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line; a line is written whole with one write() and flushed to disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
+    if path.exists():
+        drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()

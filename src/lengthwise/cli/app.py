@@ -38,3 +38,38 @@ def check_methods(methods: list[str]) -> list[str]:
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
     return methods
+
+
+def declared_encoding(model: str) -> str | None:
+    """The position encoding a model's config declares, read without loading weights; None where only loading
+    tells (a hub id, a GGUF file not yet converted)."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
+    from lengthwise.models.families import FAMILIES  # noqa: PLC0415
+    from lengthwise.models.real import REAL_MODELS  # noqa: PLC0415
+
+    if model in REAL_MODELS:
+        return "rope"  # every registered real model is a Llama
+    folder = REFERENCE_MODELS_DIR / model if model in bundled_models() else Path(model)
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    model_type = json.loads(config.read_text()).get("model_type")
+    return FAMILIES.get(model_type, (None,))[0]
+
+
+def check_methods_fit(model: str, methods: list[str]) -> None:
+    """Refuse, before loading, a method whose position encoding the model does not use (e.g. yarn on ALiBi)."""
+    from lengthwise.eval.tasks import resolve_spec  # noqa: PLC0415
+
+    encoding = declared_encoding(model)
+    if encoding is None:
+        return
+    for spec in methods:
+        for name, _ in parse_method_spec(resolve_spec(spec, 2, 1)):
+            accepted = get_method(name).encodings
+            if encoding not in accepted:
+                raise typer.BadParameter(f"method {name!r} works on {' and '.join(accepted)} models; model {model!r} "
+                                         f"uses {encoding!r} position encoding")

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lengthwise.cli.app import METHODS_HELP, app, check_methods, parse_int_list
+from lengthwise.cli.app import METHODS_HELP, app, check_methods, check_methods_fit, parse_int_list
 
 console = Console()
 
@@ -70,6 +70,7 @@ def ppl_command(
 
     length_list = parse_int_list(lengths)
     check_methods(method)
+    check_methods_fit(model, method)
     documents = load_corpus(data)
     lm, tokenizer = load_model(model)
     records = perplexity(lm, tokenizer, documents, length_list, method, max_docs=max_docs,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import app
+from lengthwise.cli.app import app, check_methods_fit
 from lengthwise.cli.tasks import SCALED_HELP, _checked, _parse_numbers
 
 console = Console()
@@ -40,6 +40,7 @@ def ruler_command(
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), MIN_LENGTH, "RULER length")
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
+    check_methods_fit(model, method)
     text = None
     if haystack != "filler":
         from lengthwise.data.corpus import load_corpus  # noqa: PLC0415

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import METHODS_HELP, app
+from lengthwise.cli.app import METHODS_HELP, app, check_methods_fit
 
 console = Console()
 
@@ -63,6 +63,7 @@ def passkey_command(
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), MIN_PROMPT_TOKENS, "passkey length")
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
+    check_methods_fit(model, method)
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), logits=8)
     records = passkey(lm, tokenizer, length_list, depth_list, method, trials=trials, seed=seed,
@@ -97,6 +98,7 @@ def gen_quality_command(
 
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 1, "prefix length")
     _checked(check_specs, method)
+    check_methods_fit(model, method)
     documents = _checked(load_corpus, data)
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, [n + new_tokens for n in length_list], method, limit_bytes=gib(memory_limit_gib),

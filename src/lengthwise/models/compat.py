@@ -109,15 +109,15 @@ def gptj_layer_table(attention_module, positions):
 # ------------------------------------------------------------------------------------------- attention implementation
 def switch_attn_implementation(model, name: str, undo) -> None:
     """Point the model and its sub-models at attention implementation `name`; `undo` restores the previous one."""
-    configs = {id(model.config): model.config}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            configs[id(config)] = config
     if model._can_set_attn_implementation():
         previous = model.config._attn_implementation
         model.set_attn_implementation(name)
         undo.add(lambda: model.set_attn_implementation(previous))
         return
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs[id(config)] = config
     for config in configs.values():  # Bloom, MPT: no public switch; only their mask creation reads it
         undo.setattr(config, "_attn_implementation_internal", name)

@@ -23,8 +23,8 @@ from lengthwise.models.compat import PatchNotInForce  # noqa: E402
 
 USAGE_ERROR = typer.BadParameter.__bases__[0]  # click's UsageError, as typer ships it
 # what bad input raises; anything else is a defect of ours and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-               ModuleNotFoundError, MemoryError, PatchNotInForce)
+# (OSError: a missing, unreadable or unwritable path, a full disk, a model that does not load, ...)
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, MemoryError, PatchNotInForce)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     except USAGE_ERROR as err:  # typer's own checks and our BadParameter: the same one line, not a framed box
         if debug:
             raise
-        print(f"error: {' '.join(err.format_message().split())} (lengthwise {err.ctx.info_name if err.ctx else ''}"
+        print(f"error: {' '.join(err.format_message().split())} ({err.ctx.command_path if err.ctx else 'lengthwise'}"
               f" --help lists what is accepted)", file=sys.stderr)
         sys.exit(2)
     except USER_ERRORS as err:

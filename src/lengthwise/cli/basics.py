@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lengthwise.cli.app import METHODS_HELP, app, check_methods, check_methods_fit, parse_int_list
+from lengthwise.cli.outputs import check_out_file, check_results
 
 console = Console()
 
@@ -71,6 +72,8 @@ def ppl_command(
     length_list = parse_int_list(lengths)
     check_methods(method)
     check_methods_fit(model, method)
+    check_results(out, "ppl")
+    check_out_file(plot, "--plot")
     documents = load_corpus(data)
     lm, tokenizer = load_model(model)
     records = perplexity(lm, tokenizer, documents, length_list, method, max_docs=max_docs,

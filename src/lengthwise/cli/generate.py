@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import METHODS_HELP, app, check_methods
+from lengthwise.cli.outputs import check_out_dir
 
 
 @app.command("generate")
@@ -38,6 +39,7 @@ def generate_command(
     check_methods([method])
     if not temp_lora and temp_lora_save is not None:
         raise typer.BadParameter("--temp-lora-save needs --temp-lora")
+    check_out_dir(temp_lora_save, "--temp-lora-save")
     config = None
     if temp_lora:
         from lengthwise.cli.temp_lora import build_config, check_window_method  # noqa: PLC0415

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import app
+from lengthwise.cli.outputs import check_out_dir, check_results
 
 lab_app = typer.Typer(help="Position-encoding lab: train small models with each encoding, compare extrapolation.",
                       no_args_is_help=True)
@@ -68,6 +69,7 @@ def train_command(
                    for name in pe]
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    check_out_dir(out)
     for cfg in configs:
         train(cfg, out / cfg.pe, cache_dir=out / "_data", log=lambda m: typer.echo(m, err=True))
 
@@ -105,6 +107,8 @@ def compare_command(
             parse_variant(name, models)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    check_out_dir(out)
+    check_results(out / "results.jsonl", "ppl", "--out")
     if threads:
         import torch  # noqa: PLC0415
 

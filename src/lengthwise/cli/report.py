@@ -16,8 +16,14 @@ def report_command(
     title: str = typer.Option("lengthwise results", help="title of report.md"),
 ) -> None:
     """Tables (Markdown) and plots (PNG) for any mix of results files, grouped by task."""
+    from lengthwise.cli.outputs import check_out_dir, read_records  # noqa: PLC0415
     from lengthwise.report.build import build_report  # noqa: PLC0415
+    from lengthwise.report.tasks import TASKS  # noqa: PLC0415
 
+    for path in results:  # every line a record of a task the report knows (a torn last line: warned, dropped)
+        if path.is_file():
+            read_records(path, "results file", TASKS)
+    check_out_dir(out)
     try:
         path = build_report(results, out, title=title)
     except (ValueError, FileNotFoundError) as err:

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from lengthwise.cli.app import app, check_methods_fit
+from lengthwise.cli.outputs import check_out_file, check_results
 from lengthwise.cli.tasks import SCALED_HELP, _checked, _parse_numbers
 
 console = Console()
@@ -41,6 +42,8 @@ def ruler_command(
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
     check_methods_fit(model, method)
+    check_results(out, "ruler")
+    check_out_file(plot, "--plot")
     text = None
     if haystack != "filler":
         from lengthwise.data.corpus import load_corpus  # noqa: PLC0415

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import app
+from lengthwise.cli.outputs import check_out_dir
 
 
 @app.command("search")
@@ -56,6 +57,7 @@ def search_command(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     short_config = replace(config, iterations=short_iterations) if short_iterations else None
+    check_out_dir(out)
     if not ray_address:
         typer.echo("fitness evaluations run serially in this process" +
                    ("" if ray_available() else " (Ray is not installed; pip install 'lengthwise[ray]' for --ray-address)"))

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from lengthwise.cli.app import METHODS_HELP, app, check_methods_fit
+from lengthwise.cli.outputs import check_out_file, check_results
 
 console = Console()
 
@@ -64,6 +65,8 @@ def passkey_command(
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
     check_methods_fit(model, method)
+    check_results(out, "passkey")
+    check_out_file(plot, "--plot")
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), logits=8)
     records = passkey(lm, tokenizer, length_list, depth_list, method, trials=trials, seed=seed,
@@ -99,6 +102,8 @@ def gen_quality_command(
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 1, "prefix length")
     _checked(check_specs, method)
     check_methods_fit(model, method)
+    check_results(out, "gen-quality")
+    check_out_file(plot, "--plot")
     documents = _checked(load_corpus, data)
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, [n + new_tokens for n in length_list], method, limit_bytes=gib(memory_limit_gib),
@@ -150,6 +155,7 @@ def bench_command(
         raise typer.BadParameter(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N")
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 2, "bench length")
     _checked(check_specs, method)
+    check_results(out, "bench")
     if threads:
         torch.set_num_threads(threads)
     if model == "llama":

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import app, parse_int_list
+from lengthwise.cli.outputs import check_results
 
 temp_lora_app = typer.Typer(help="Temp-LoRA (seed 003): a temporary LoRA trained at inference time on the text read.",
                             no_args_is_help=True)
@@ -79,6 +80,7 @@ def eval_command(
     config = build_config(chunk, window, keep, rank, alpha, targets, lr, steps, reuse_cache)
     method = check_window_method(method)
     edges = (0, *parse_int_list(buckets, "bucket edges"))
+    check_results(out, "temp-lora")
     try:
         documents = load_corpus(data)
     except (ValueError, FileNotFoundError) as err:

@@ -11,38 +11,13 @@ given length, exported as a JSON-lines file and a task YAML (generate_until, fir
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from lengthwise.api import load_model
-from lengthwise.data.ruler import make_ruler_sample
-
-TASK_YAML = """task: lengthwise_niah_single
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 16
-  do_sample: false
-filter_list:
-  - name: first-number
-    filter:
-      - function: regex
-        regex_pattern: "(\\\\d+)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-"""
-
+from lengthwise.harness import export_ruler_task
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,19 +29,13 @@ def main() -> None:
     args = parser.parse_args()
     _, tokenizer = load_model(args.model)
     with tempfile.TemporaryDirectory() as folder:
-        data = Path(folder) / "niah.json"
-        rows = []
-        for seed in range(args.samples):
-            sample = make_ruler_sample(tokenizer, "niah_single", args.length, 0.5, seed)
-            rows.append(json.dumps({"prompt": sample.prompt, "answer": sample.expected[0]}))
-        data.write_text("\n".join(rows))
-        (Path(folder) / "niah.yaml").write_text(TASK_YAML.format(data=data))
+        task = export_ruler_task(folder, tokenizer, args.length, args.samples)
         script = Path(sys.executable).with_name("lengthwise-lm-eval")
         for method in args.method:
             model_args = f"pretrained={args.model},method={method},max_length={args.max_length or args.length + 64}"
             print(f"## {method}", flush=True)
             subprocess.run([str(script), "--model", "lengthwise", "--model_args", model_args, "--include_path", folder,
-                            "--tasks", "lengthwise_niah_single", "--batch_size", "1"], check=True)
+                            "--tasks", task, "--batch_size", "1"], check=True)
 
 
 if __name__ == "__main__":

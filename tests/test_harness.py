@@ -11,7 +11,6 @@ lm_eval = pytest.importorskip("lm_eval", reason="the `eval` extra is not install
 
 from lengthwise import harness  # noqa: E402
 from lengthwise.api import load_model  # noqa: E402
-from lengthwise.data.ruler import make_ruler_sample  # noqa: E402
 from lengthwise.eval.perplexity import nll_one_pass  # noqa: E402
 
 METHOD = "lm-infinite:n_local=64;n_global=4"
@@ -45,11 +44,6 @@ def test_simple_evaluate_runs_local_tasks_offline(tmp_path, monkeypatch):
     _, tokenizer = load_model("llama-rope-256")
     choices = [{"text": "The grass is", "choices": [" green.", " purple."], "label": 0} for _ in range(4)]
     (tmp_path / "mc.json").write_text("\n".join(json.dumps(d) for d in choices))
-    ruler = []
-    for seed in range(2):
-        s = make_ruler_sample(tokenizer, "niah_single", 384, 0.5, seed)
-        ruler.append({"prompt": s.prompt, "answer": s.expected[0]})
-    (tmp_path / "ruler.json").write_text("\n".join(json.dumps(d) for d in ruler))
     (tmp_path / "mc.yaml").write_text(f"""task: lengthwise_local_mc
 dataset_path: json
 dataset_kwargs:
@@ -63,34 +57,13 @@ doc_to_target: label
 metric_list:
   - metric: acc
 """)
-    (tmp_path / "ruler.yaml").write_text(f"""task: lengthwise_ruler_niah_single
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'ruler.json'}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 12
-  do_sample: false
-filter_list:
-  - name: first-number
-    filter:
-      - function: regex
-        regex_pattern: "(\\\\d+)"
-      - function: take_first
-metric_list:
-  - metric: exact_match
-""")
+    ruler = harness.export_ruler_task(tmp_path, tokenizer, 384, samples=2)
     from lm_eval.tasks import TaskManager  # noqa: PLC0415
 
     results = lm_eval.simple_evaluate(
         model="lengthwise", model_args=f"pretrained=llama-rope-256,method={METHOD},max_length=1024",
-        tasks=["lengthwise_local_mc", "lengthwise_ruler_niah_single"], task_manager=TaskManager(include_path=str(tmp_path)),
+        tasks=["lengthwise_local_mc", ruler], task_manager=TaskManager(include_path=str(tmp_path)),
         batch_size=1, limit=None)
     assert results["results"]["lengthwise_local_mc"]["acc,none"] in (0.0, 1.0)
-    assert 0.0 <= results["results"]["lengthwise_ruler_niah_single"]["exact_match,first-number"] <= 1.0
+    assert 0.0 <= results["results"][ruler]["exact_match,first-number"] <= 1.0
     assert os.environ["HF_DATASETS_OFFLINE"] == "1"

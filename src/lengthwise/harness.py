@@ -16,6 +16,9 @@ uses the method's bounded cache). Needs the `eval` extra (`pip install lengthwis
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -38,6 +41,43 @@ class LengthwiseLM(HFLM):
         self.lengthwise_handle = patch(model, spec)
         self.lengthwise_method = spec
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+
+RULER_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 16
+  do_sample: false
+filter_list:
+  - name: first-number
+    filter:
+      - function: regex
+        regex_pattern: "(\\\\d+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+"""
+
+
+def export_ruler_task(folder: str | Path, tokenizer, length: int, samples: int, depth: float = 0.5) -> str:
+    """Write a RULER niah_single task (our generator) as a harness task in `folder`: JSON lines + task YAML
+    (generate_until, the first number of the answer, exact match). Returns the task name (for `--include_path`)."""
+    from lengthwise.data.ruler import make_ruler_sample  # noqa: PLC0415
+
+    folder, name = Path(folder), f"lengthwise_niah_single_{length}"
+    data = folder / f"{name}.json"
+    rows = [make_ruler_sample(tokenizer, "niah_single", length, depth, seed) for seed in range(samples)]
+    data.write_text("\n".join(json.dumps({"prompt": r.prompt, "answer": r.expected[0]}) for r in rows))
+    (folder / f"{name}.yaml").write_text(RULER_TASK_YAML.format(name=name, data=data))
+    return name
 
 
 def main() -> None:

@@ -5,19 +5,24 @@ transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`, needs
 dequantizes it to float weights; that takes ~15 s for SmolLM2-135M, so the first load writes the result as an
 ordinary folder under the cache directory (`LENGTHWISE_CACHE`, default `~/.cache/lengthwise/models`) and later loads
 read that folder. A folder is written under a temporary name and renamed when complete: a half-written one is
-never read.
+never read. The key is the file's name, size and mtime, so every fresh install of the package (a new mtime) is a new
+entry of ~0.5 GB; a conversion therefore also removes the entries whose recorded source file is gone or has changed
+since (and temporary folders a killed conversion left behind a day ago), keeping one entry per live install.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
+_SOURCE = re.compile(r"from (.+) \((\d+) bytes\)$")  # the line convert_gguf writes in SOURCE.txt
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def find_gguf(name_or_path: str) -> Path | None:
 def convert_gguf(path: Path, cache_dir: str | Path | None = None) -> Path:
     """The standard HF folder of a GGUF file, converted on first use (keyed by file name, size and mtime)."""
     stat = path.stat()
-    target = cache_root(cache_dir) / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = cache_root(cache_dir) / _cache_key(path)
     if (target / "config.json").exists():
         return target
     if importlib.util.find_spec("gguf") is None:
@@ -106,10 +111,42 @@ def convert_gguf(path: Path, cache_dir: str | Path | None = None) -> Path:
         save_model(model, str(partial / "model.safetensors"))  # handles the tied embedding / output weights
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        (partial / "SOURCE.txt").write_text(f"converted by lengthwise from {path} ({stat.st_size} bytes)\n")
+        (partial / "SOURCE.txt").write_text(f"converted by lengthwise from {path.resolve()} ({stat.st_size} bytes)\n")
         partial.rename(target)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)
         if not (target / "config.json").exists():  # not a concurrent conversion that finished first
             raise
+    prune_stale(target.parent, path.stem)
     return target
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def prune_stale(root: Path, stem: str, temp_age_s: float = 86400.0) -> list[Path]:
+    """Remove the cache entries of `stem` that no file maps to any more; returns them.
+
+    Stale: the source file named in its SOURCE.txt is gone or now has another key (reinstalled: a new mtime), or a
+    temporary folder older than `temp_age_s` (a conversion killed midway; a running one is younger). An entry whose
+    source cannot be read is kept: it may be in use.
+    """
+    removed = []
+    for entry in root.iterdir():
+        if entry.name.startswith(f".{stem}-"):
+            stale = time.time() - entry.stat().st_mtime > temp_age_s
+        elif entry.name.startswith(f"{stem}-"):
+            record = entry / "SOURCE.txt"
+            match = _SOURCE.search(record.read_text().strip()) if record.is_file() else None
+            if match is None:
+                continue
+            source = Path(match.group(1))
+            stale = not source.is_file() or _cache_key(source) != entry.name
+        else:
+            continue
+        if stale and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

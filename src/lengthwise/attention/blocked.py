@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from lengthwise.attention.middle import check_sequence, middle_part
 from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads, visibility
 
 
@@ -134,11 +135,16 @@ def _interior_band(q, k, v, q_start, key_start, count, block, n_local, scale, st
 
 
 def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
-                             block: int = 256, run: int = 4):
+                             block: int = 256, run: int = 4, index=None):
     """Same contract as `lambda_attention_reference`: q (B, H, Tq, D), k/v (B, Hk, Tk, D), q_pos (B, Tq),
     k_pos (B, Tk), k_valid (B, Tk) or None -> (B, H, Tq, D). Queries are the last Tq of the Tk keys.
-    Up to `run` consecutive interior blocks share each batched kernel call."""
+    Up to `run` consecutive interior blocks share each batched kernel call. With `pattern.middle`, the middle keys'
+    part (`lengthwise.attention.middle.middle_part`, block boxes kept in `index`) is merged into every block."""
     B, H, Tq, D = q.shape
+    middle = None
+    if pattern.middle is not None:
+        check_sequence(k_pos, k_valid)
+        middle = middle_part(q, k, v, q_pos, k_pos, pattern, encoding, scale, index)  # (B,H,Tq,D), (B,H,Tq)
     offset = k.shape[2] - Tq  # key index of query 0
     G = global_candidates(k_pos, k_valid, pattern.n_global)
     slopes = encoding.slopes.to(q)[None, :, None, None] if isinstance(encoding, AlibiEncoding) else None
@@ -169,12 +175,15 @@ def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPatt
             for row in range(B):
                 parts = _interior_band(q[row:row + 1], k[row:row + 1], v[row:row + 1], qs, qs + offset, count, block,
                                        pattern.n_local, scale, strip_mask)
-                if global_part is not None:  # (H, count*block, ...) -> (count, H, block, ...) views
-                    parts.append((global_part[0][row].view(H, count, block, D).transpose(0, 1),
-                                  global_part[1][row].view(H, count, block).transpose(0, 1)))
+                for part in (global_part, None if middle is None else (middle[0][:, :, qs:qe], middle[1][:, :, qs:qe])):
+                    if part is not None:  # (H, count*block, ...) -> (count, H, block, ...) views
+                        parts.append((part[0][row].view(H, count, block, D).transpose(0, 1),
+                                      part[1][row].view(H, count, block).transpose(0, 1)))
                 _windows(out[row:row + 1], qs, block, block, count).copy_(merge_softmax_parts(parts))
         else:
             parts = [] if global_part is None else [global_part]
+            if middle is not None:
+                parts.append((middle[0][:, :, qs:qe], middle[1][:, :, qs:qe]))
             for k0, k1, kind in band_pieces(qs + offset, qe - 1 + offset, G, pattern.n_local, contiguous):
                 mask = None
                 if kind == "masked":

@@ -23,9 +23,11 @@ class LambdaCacheLayer(DynamicLayer):
     is_croppable = False  # generate() must not try assisted decoding on it (asked from transformers 5.24)
 
     def __init__(self, n_global: int, n_local: int, slack: int | None = None,
-                 owner: tuple[str, str] = ("LambdaCache", "?")) -> None:
+                 owner: tuple[str, str] = ("LambdaCache", "?"), keep_all: bool = False) -> None:
         super().__init__()
         self.n_global, self.n_local = n_global, n_local
+        self.keep_all = keep_all  # a layer whose queries attend to middle keys keeps every key (O(n) memory)
+        self.middle_index = None  # `lengthwise.attention.middle.BlockIndex` of such a layer
         self.owner = owner  # (method, model type), for errors
         self.slack = max(1, n_local // 8) if slack is None else slack
         self.positions: torch.Tensor | None = None  # (B, T) long
@@ -43,6 +45,8 @@ class LambdaCacheLayer(DynamicLayer):
         """(head, tail): keep key slots [0, head) and the last `tail` of the `held` ones."""
         if held == 0:
             return 0, 0
+        if self.keep_all:
+            return held, 0
         head = global_candidates(self.positions, self.valid, self.n_global)
         return head, min(self.n_local, held - head)
 
@@ -63,8 +67,10 @@ class LambdaCacheLayer(DynamicLayer):
         sources = [self.keys, self.values] + ([self.positions, self.valid] if self.positions is not None else [])
         sources = sources if held else []  # the first update: keys are an empty placeholder
         in_place = kept + new <= capacity <= kept + new + self.slack  # else too small or oversized
-        if not in_place:  # (re)allocate, to the size a decoding step or this chunk needs
-            capacity = kept + new + self.slack
+        if self.keep_all:
+            in_place = kept + new <= capacity
+        if not in_place:  # (re)allocate, to the size a decoding step or this chunk needs; a growing layer doubles
+            capacity = kept + new + (max(self.slack, kept) if self.keep_all else self.slack)
             batch = key_states.shape[0]
             self._buffers = (
                 key_states.new_empty(batch, key_states.shape[1], capacity, key_states.shape[-1]),
@@ -118,7 +124,7 @@ class LambdaCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.positions = self.valid = self._buffers = None
+        self.positions = self.valid = self._buffers = self.middle_index = None
         self.seen = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -126,17 +132,20 @@ class LambdaCacheLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
+        self.middle_index = None  # rebuilt from the reordered keys
         if self.positions is not None:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
             self.valid = self.valid.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self.middle_index = None  # rebuilt from the reordered keys
         if self.positions is not None:
             self.positions, self.valid = self.positions[indices], self.valid[indices]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
+        self.middle_index = None  # rebuilt from the reordered keys
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
@@ -146,8 +155,9 @@ class LambdaCache(Cache):
     """A transformers `Cache` whose layers keep only the global and the last `n_local` keys (see module doc)."""
 
     def __init__(self, num_layers: int, n_global: int, n_local: int,
-                 owner: tuple[str, str] = ("LambdaCache", "?")) -> None:
-        super().__init__(layers=[LambdaCacheLayer(n_global, n_local, owner=owner) for _ in range(num_layers)])
+                 owner: tuple[str, str] = ("LambdaCache", "?"), keep_all_layers=()) -> None:
+        super().__init__(layers=[LambdaCacheLayer(n_global, n_local, owner=owner, keep_all=i in keep_all_layers)
+                                 for i in range(num_layers)])
 
     def kept_tokens(self, layer_idx: int = 0) -> int:
         layer = self.layers[layer_idx]

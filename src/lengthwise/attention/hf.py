@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from lengthwise.attention.blocked import lambda_attention_blocked
 from lengthwise.attention.cache import LambdaCache
+from lengthwise.attention.middle import BlockIndex
 from lengthwise.attention.pattern import LambdaPattern, lambda_attention_reference
 from lengthwise.models.compat import CACHE_NAMES, PatchNotInForce, cache_from_kwargs, cache_kwargs
 
@@ -51,10 +52,16 @@ def attend(state: LambdaState, module, query, key, value, mask2d, q_pos, scale: 
     if cache is None and Tk > Tq:  # keys from a cache the pre-hook never saw: their positions are unknown
         raise PatchNotInForce(state.method, state.model_type, f"the attention layer got {Tk - Tq} cached keys but "
                               f"never the KV cache itself (the cache-stashing hook was not reached)")
+    middle, index = state.pattern.middle, None
     if isinstance(cache, LambdaCache):
         layer = cache.layers[module.layer_idx]
+        if middle is not None and not layer.keep_all:
+            raise PatchNotInForce(state.method, state.model_type, f"layer {module.layer_idx} attends to middle keys "
+                                  f"but its bounded cache drops them (a LambdaCache made without keep_all_layers)")
         layer.record(q_pos, torch.ones_like(q_pos, dtype=torch.bool) if q_valid is None else q_valid)
         k_pos, k_valid = layer.positions, layer.valid
+        if middle is not None and middle.top_blocks:
+            index = layer.middle_index = layer.middle_index or BlockIndex()  # boxes of filled blocks, kept
     elif Tk == Tq:
         k_pos, k_valid = q_pos, q_valid
     else:  # a foreign cache (e.g. DynamicCache) holding every earlier key: positions are contiguous
@@ -66,7 +73,7 @@ def attend(state: LambdaState, module, query, key, value, mask2d, q_pos, scale: 
     if impl == "blocked" and torch.is_grad_enabled() and query.requires_grad:
         impl = "eager"  # training (Temp-LoRA) needs gradients; the fused CPU kernel gives none through its lse
     kernel = IMPLEMENTATIONS[impl]
-    kwargs = {"block": state.block} if impl == "blocked" else {}
+    kwargs = {"block": state.block, "index": index} if impl == "blocked" else {}
     return kernel(query, key, value, q_pos, k_pos, k_valid, state.pattern, state.encoding_fn(), scale, **kwargs)
 
 
@@ -109,9 +116,9 @@ def _stash_cache(module, args, kwargs):
 
 
 def install_states(model, make_state, undo, hook_cache: bool) -> None:
-    """Attach a `LambdaState` to every attention module (and the cache-stashing pre-hook), reversibly."""
+    """Attach `make_state(layer_idx)` to every attention module (and the cache-stashing pre-hook), reversibly."""
     for module in attention_modules(model):
-        undo.setattr(module, "_lengthwise_lambda", make_state())
+        undo.setattr(module, "_lengthwise_lambda", make_state(module.layer_idx))
         if hook_cache:
             handle = module.register_forward_pre_hook(_stash_cache, with_kwargs=True)
             undo.add(handle.remove)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lengthwise.attention.cache import LambdaCache
 from lengthwise.attention.hf import ATTN_NAME, LambdaState, install_states, use_cache_in_generate
+from lengthwise.attention.middle import MiddleRetrieval
 from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding
 from lengthwise.models.compat import gptj_uses_attention_interface, switch_attn_implementation
 from lengthwise.models.families import attention_route, model_info
@@ -25,7 +28,10 @@ def require_single_frequency_set(rotary_module, method: str) -> None:
         )
 
 
-def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "blocked", block: int = 256) -> Undo:
+def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "blocked", block: int = 256,
+                   middle: MiddleRetrieval | None = None, middle_layers: range = range(0)) -> Undo:
+    """Λ attention on every layer; the layers in `middle_layers` also attend to middle keys (`middle`), and their
+    cache keeps every key."""
     from lengthwise.models import adapters  # noqa: PLC0415
     from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
 
@@ -45,8 +51,13 @@ def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "bloc
             return RopeEncoding(layout.inv_freq, layout.style)
 
     undo = Undo()
-    install_states(model, lambda: LambdaState(pattern, encoding_fn, impl, block, method=method,
-                                              model_type=info.model_type), undo, hook_cache=route == "interface")
+    middle_layers = middle_layers if middle is not None else range(0)
+
+    def make_state(layer_idx: int) -> LambdaState:
+        layer_pattern = replace(pattern, middle=middle) if layer_idx in middle_layers else pattern
+        return LambdaState(layer_pattern, encoding_fn, impl, block, method=method, model_type=info.model_type)
+
+    install_states(model, make_state, undo, hook_cache=route == "interface")
     if route == "adapter":
         adapters.replace_attention_forward(model, undo)
     elif gptj_uses_attention_interface(model):
@@ -55,7 +66,8 @@ def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "bloc
     num_layers = info.num_layers
 
     def cache_factory(m):
-        return LambdaCache(num_layers, pattern.n_global, pattern.n_local, owner=(method, info.model_type))
+        return LambdaCache(num_layers, pattern.n_global, pattern.n_local, owner=(method, info.model_type),
+                           keep_all_layers=middle_layers)
 
     undo.cache_factory = cache_factory
     use_cache_in_generate(model, cache_factory, undo)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lengthwise.attention.middle import MiddleRetrieval, check_sequence, middle_selection_reference
 from lengthwise.rope.rotation import rotate, rotation_angles
 
 
@@ -29,12 +30,17 @@ class LambdaPattern:
     n_local: int
     limit: int | None  # None: no distance limit (global keys keep their true distance)
     key_anchor: str = "zero"  # "zero" (LM-Infinite) | "self" (StreamingLLM re-indexing)
+    middle: MiddleRetrieval | None = None  # attention to some middle keys (`lengthwise.attention.middle`)
 
     def __post_init__(self) -> None:
         if self.key_anchor not in ("zero", "self"):
             raise ValueError(f"key_anchor must be 'zero' or 'self', got {self.key_anchor!r}")
         if self.n_global < 0 or self.n_local < 1:
             raise ValueError(f"need n_global >= 0 and n_local >= 1, got {self.n_global}, {self.n_local}")
+        middle = self.middle
+        if middle is not None and (self.key_anchor != "zero" or (middle.top_blocks and middle.block_size > self.n_local)):
+            raise ValueError("middle retrieval needs key_anchor 'zero' and block_size <= n_local (blocks that hold a "
+                             f"middle key are then complete), got {self.key_anchor!r}, {middle.block_size}")
 
     def cap(self, k_pos: torch.Tensor) -> torch.Tensor:
         """Largest distance a global key at `k_pos` may appear at (same shape as k_pos)."""
@@ -122,6 +128,10 @@ def lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPa
         if pattern.limit is not None:
             dist = torch.where(limited, pattern.cap(k_pos).float()[:, None, None, :], dist)
         scores = scores - encoding.slopes.float().to(q.device)[None, :, None, None] * dist
+    if pattern.middle is not None:  # selected middle keys are seen, at the fixed distance
+        check_sequence(k_pos, k_valid)
+        middle_scores, selected = middle_selection_reference(q, k, q_pos, k_pos, pattern, encoding, scale)
+        scores, visible = torch.where(selected, middle_scores, scores), visible | selected
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
     return (probs @ vx.float()).to(q.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lengthwise.attention.install import install_lambda
+from lengthwise.attention.middle import QUERY_MODES, MiddleRetrieval
 from lengthwise.attention.pattern import LambdaPattern
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
@@ -33,12 +34,38 @@ class LMInfiniteConfig:
     distance_limit: int | None = None  # largest distance a global token appears at; default: the training length
     impl: str = "blocked"  # "blocked" (O(n) fast path) | "eager" (dense reference, tests only)
     block: int = 256  # query rows per block of the fast path
+    # Attention to the middle (lengthwise.attention.middle); 0 and 0: plain Λ, bounded cache.
+    top_k: int = 0  # middle tokens each query and head adds (official code: --top_k_attention)
+    top_blocks: int = 0  # or: middle blocks each query group and head adds (InfLLM-like block retrieval)
+    retrieval_block: int = 128  # positions per middle block
+    representatives: int = 4  # bounding boxes scored per block
+    query_group: int = 64  # queries (by position // query_group) sharing one block selection
+    middle_distance: int | None = None  # distance middle keys are scored at (official: --top_k_insert_at); n_local
+    middle_from_layer: int = 0  # first layer that attends to the middle (official: --top_k_from_layer)
+    middle_to_layer: int | None = None  # one past the last such layer (official: --top_k_to_layer); all
+    middle_queries: str = "all"  # "all" | "last" (official: the last query of each forward call only)
 
     def __post_init__(self) -> None:
         check_positive("lm-infinite", "n_global", self.n_global, allow_zero=True)
         check_positive("lm-infinite", "n_local", self.n_local)
         check_positive("lm-infinite", "distance_limit", self.distance_limit)
         check_kernel("lm-infinite", self.impl, self.block)
+        for name in ("top_k", "top_blocks", "middle_from_layer"):
+            check_positive("lm-infinite", name, getattr(self, name), allow_zero=True)
+        for name in ("retrieval_block", "representatives", "query_group", "middle_distance", "middle_to_layer"):
+            check_positive("lm-infinite", name, getattr(self, name))
+        if self.top_k and self.top_blocks:
+            raise ValueError(f"lm-infinite takes top_k (tokens) or top_blocks (blocks), not both; got top_k="
+                             f"{self.top_k}, top_blocks={self.top_blocks}")
+        if self.retrieval_block % self.representatives:
+            raise ValueError(f"lm-infinite retrieval_block ({self.retrieval_block}) must be a multiple of "
+                             f"representatives ({self.representatives})")
+        if self.middle_queries not in QUERY_MODES:
+            raise ValueError(f"lm-infinite middle_queries must be one of {', '.join(QUERY_MODES)}, got "
+                             f"{self.middle_queries!r}")
+        if self.middle_to_layer is not None and self.middle_to_layer <= self.middle_from_layer:
+            raise ValueError(f"lm-infinite middle_to_layer ({self.middle_to_layer}) must exceed middle_from_layer "
+                             f"({self.middle_from_layer})")
         if self.n_local and self.distance_limit and self.n_local > self.distance_limit:
             raise ValueError(
                 f"lm-infinite n_local ({self.n_local}) must not exceed distance_limit ({self.distance_limit}): "
@@ -57,16 +84,38 @@ def resolve(config: LMInfiniteConfig, pretrain_length: int) -> LambdaPattern:
     return LambdaPattern(config.n_global, n_local, limit, key_anchor="zero")
 
 
+def resolve_middle(config: LMInfiniteConfig, pattern: LambdaPattern, num_layers: int):
+    """(MiddleRetrieval, layers) of the config, or (None, range(0)) for plain Λ attention."""
+    if not (config.top_k or config.top_blocks):
+        return None, range(0)
+    distance = config.middle_distance or pattern.n_local
+    if distance > pattern.limit:
+        raise ValueError(f"lm-infinite middle_distance ({distance}) must not exceed distance_limit ({pattern.limit}): "
+                         "middle keys must appear at a distance seen in training")
+    if config.top_blocks and config.retrieval_block > pattern.n_local:
+        raise ValueError(f"lm-infinite retrieval_block ({config.retrieval_block}) must not exceed n_local "
+                         f"({pattern.n_local})")
+    if config.middle_from_layer >= num_layers:
+        raise ValueError(f"lm-infinite middle_from_layer ({config.middle_from_layer}) must be below the model's "
+                         f"{num_layers} layers")
+    middle = MiddleRetrieval(distance, config.top_k, config.top_blocks, config.retrieval_block,
+                             config.representatives, config.query_group, config.middle_queries)
+    return middle, range(config.middle_from_layer, min(config.middle_to_layer or num_layers, num_layers))
+
+
 @register(
     "lm-infinite",
     LMInfiniteConfig,
     role="attention",
     summary="Λ-shaped attention: each query sees the first n_global and the last n_local tokens; global tokens "
-    "appear at distance min(d, distance_limit). O(n) prefill, bounded KV cache in generate().",
+    "appear at distance min(d, distance_limit). O(n) prefill, bounded KV cache in generate(). Optionally the top_k "
+    "middle tokens or top_blocks middle blocks at a fixed distance (the middle is then kept in the cache).",
     paper="arXiv 2308.16137",
     encodings=("rope", "alibi"),
     composable_with=("rope", "query-scale"),
 )
 def apply_lm_infinite(model, config: LMInfiniteConfig) -> Undo:
-    pattern = resolve(config, model_info(model).pretrain_length)
-    return install_lambda(model, pattern, "lm-infinite", config.impl, config.block)
+    info = model_info(model)
+    pattern = resolve(config, info.pretrain_length)
+    middle, layers = resolve_middle(config, pattern, info.num_layers)
+    return install_lambda(model, pattern, "lm-infinite", config.impl, config.block, middle, layers)

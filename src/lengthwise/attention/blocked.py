@@ -78,15 +78,18 @@ def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False):
         return out, lse
     # Explicit scores for this block only, so memory stays O(block x band): decoding steps (cheaper than the fused
     # kernel's set-up) and other devices.
-    heads = q.shape[1]
-    scores = (q @ expand_heads(k, heads).transpose(-1, -2)).float() * scale  # (B, H, Tq, Tk)
+    # Grouped-query heads side by side against their kv head, so no key is copied per query head.
+    B, H, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    scores = (q.reshape(B, Hk, -1, D) @ k.transpose(-1, -2)).float().reshape(B, H, Tq, Tk) * scale
     if mask is not None:
         scores = scores + mask
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0)
-    return (probs.to(v.dtype) @ expand_heads(v, heads)), lse
+    out = probs.to(v.dtype).reshape(B, Hk, -1, Tk) @ v  # (B, Hk, H/Hk * Tq, D)
+    return out.reshape(B, H, Tq, D), lse
 
 
 def merge_softmax_parts(parts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -60,8 +61,27 @@ def ppl_command(
     out: Path = typer.Option(Path("results/ppl.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
     plot: Path = typer.Option(None, help="PNG of NLL by position (default: next to --out)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    # streaming mode (Annotated: plain Python defaults, so `demo` and other callers need not pass them)
+    stream_tokens: Annotated[str | None, typer.Option(
+        "--stream-tokens", help="streaming mode: score ONE stream of this many tokens (e.g. 200000, 200k, 10M): the "
+        "documents of --data joined (several corpora: 'pg19-train,pg19-dev'), fed --chunk-size tokens at a time "
+        "(default: the training length, at most 2048) through each method's bounded KV cache (lm-infinite, "
+        "streaming, or the sliding-window baseline); checkpointed beside --out and resumed by running the same "
+        "command again. --lengths and --max-docs do not apply")] = None,
+    buckets: Annotated[int, typer.Option(min=1, help="streaming mode: number of position buckets")] = 32,
+    bucket_scale: Annotated[str, typer.Option(help="streaming mode: bucket widths, log | linear")] = "log",
+    checkpoint_every: Annotated[str | None, typer.Option(
+        help="streaming mode: tokens between checkpoints (default: a tenth of the stream; also every 10 minutes)")
+    ] = None,
+    stop_after_chunks: Annotated[int | None, typer.Option(
+        min=1, hidden=True, help="streaming mode: checkpoint and stop after this many chunks (tests)")] = None,
 ) -> None:
-    """Perplexity by length for one or more methods: table, JSON lines, NLL-by-position plot."""
+    """Perplexity by length for one or more methods: table, JSON lines, NLL-by-position plot. With --stream-tokens:
+    perplexity of one long stream through each method's bounded cache, NLL by position bucket, resumable."""
+    if stream_tokens is not None:
+        _ppl_stream(model, data, method, chunk_size, out, plot, quiet, stream_tokens, buckets, bucket_scale,
+                    checkpoint_every, stop_after_chunks)
+        return
     from lengthwise.api import load_model  # noqa: PLC0415
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
     from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
@@ -86,6 +106,64 @@ def ppl_command(
     plot = plot or out.with_suffix(".png")
     plot_nll_by_position(records, plot, title=f"{model} on {data}")
     console.print(f"results: {out}\nplot: {plot}")
+
+
+def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out: Path, plot: Path | None, quiet: bool,
+                stream_tokens: str, buckets: int, bucket_scale: str, checkpoint_every: str | None,
+                stop_after_chunks: int | None) -> None:
+    """`lengthwise ppl --stream-tokens N`: lengthwise.eval.streaming over the joined documents of --data."""
+    import sys  # noqa: PLC0415
+
+    from lengthwise.eval import streaming  # noqa: PLC0415
+
+    try:  # every check before the model is loaded
+        n_tokens = streaming.parse_token_count(stream_tokens, "--stream-tokens")
+        every = streaming.parse_token_count(checkpoint_every, "--checkpoint-every") if checkpoint_every else None
+        streaming.bucket_edges(n_tokens, buckets, bucket_scale)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    check_methods(methods)
+    check_methods_fit(model, methods)
+    for spec in methods:
+        reason = streaming.unbounded_reason(spec)
+        if reason:
+            raise typer.BadParameter(reason)
+    check_results(out, "ppl")
+    check_out_file(plot, "--plot")
+    sources = streaming.stream_sources(data)
+    if n_tokens > streaming.EXACT_FLOAT32_POSITIONS:
+        print(f"warning: positions beyond {streaming.EXACT_FLOAT32_POSITIONS:,} are not exact in float32; RoPE "
+              "angles there lose precision (docs/evaluation.md)", file=sys.stderr)
+
+    from lengthwise.api import load_model  # noqa: PLC0415
+    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
+    from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
+    from lengthwise.report.tables import ppl_table  # noqa: PLC0415
+
+    lm, tokenizer = load_model(model)
+    results = ResultsFile(out)
+    checkpoints = out.with_name(out.stem + ".stream")
+    records = []
+    for spec in methods:
+        record = streaming.streaming_perplexity(
+            lm, tokenizer, sources, n_tokens, spec, chunk_size=chunk_size or None, num_buckets=buckets,
+            bucket_scale=bucket_scale, checkpoint_dir=checkpoints, checkpoint_every=every, results=results,
+            model_name=model, data_name=data, max_chunks=stop_after_chunks, progress=not quiet, log=console.print)
+        if record is None:
+            console.print(f"stopped after {stop_after_chunks} chunks; checkpoint in {checkpoints}; run the same "
+                          "command again to resume")
+            return
+        records.append(record)
+    console.print(ppl_table(records, markdown=False))
+    for record in records:
+        memory = record["stream"]["memory"]
+        first = memory[0] if len(memory) > 1 else memory[-1]
+        console.print(f"{record['method']}: {record['metrics']['tokens_per_s']} tokens/s; RSS {first['rss_mib']} MiB "
+                      f"at token {first['offset']:,}, {memory[-1]['rss_mib']} MiB at the end (peak "
+                      f"{memory[-1]['peak_rss_mib']} MiB)")
+    plot = plot or out.with_suffix(".png")
+    plot_nll_by_position(records, plot, title=f"{model} on {data}, one stream of {n_tokens:,} tokens")
+    console.print(f"results: {out}\nplot: {plot}\ncheckpoints and snapshots: {checkpoints}")
 
 
 @app.command("demo")

@@ -382,7 +382,7 @@ class _CacheScorer:
         cache = state["cache"]
         fresh = self.cache
         same = type(cache) is type(fresh) and len(cache.layers) == len(fresh.layers) and all(
-            type(a) is type(b) and set(vars(a)) == set(vars(b)) for a, b in zip(cache.layers, fresh.layers))
+            type(a) is type(b) and set(vars(b)) <= set(vars(a)) for a, b in zip(cache.layers, fresh.layers))
         if not same:
             raise ValueError("the checkpoint's KV cache was written by another version of lengthwise's bounded cache; "
                              "delete the checkpoint to start the stream over")
@@ -441,7 +441,8 @@ class _SlidingWindowScorer:
             for row, end in enumerate(ends):
                 scored = end - previous
                 width = logits.shape[1]
-                pieces.append(_token_nll(logits[row, width - scored - 1 : width - 1], ids[end - scored - base : end - base]))
+                targets = ids[end - scored - base : end - base]
+                pieces.append(_token_nll(logits[row, width - scored - 1 : width - 1], targets))
                 previous = end
             nll = torch.cat(pieces).cpu()
         self.tail = context[-self.window :]
@@ -566,11 +567,12 @@ def streaming_perplexity(
                         "nll_by_position": buckets.summary(), "memory": memory_log, "resumes": resumes}
             if ckpt is None:
                 return
-            atomic_torch_save({"version": CHECKPOINT_VERSION, "key": key, "fingerprint": fingerprint,
-                               "offset": offset, "total_nll": total, "scored": scored_count, "buffer": buffer,
-                               "stream_position": stream.position(), "buckets": buckets.state(),
-                               "scorer": scorer.state(), "memory": memory_log, "elapsed_s": elapsed,
-                               "chunks": chunks, "resumes": resumes}, ckpt)
+            if reason != "end":  # at the end the record holds everything; no cache to write
+                atomic_torch_save({"version": CHECKPOINT_VERSION, "key": key, "fingerprint": fingerprint,
+                                   "offset": offset, "total_nll": total, "scored": scored_count, "buffer": buffer,
+                                   "stream_position": stream.position(), "buckets": buckets.state(),
+                                   "scorer": scorer.state(), "memory": memory_log, "elapsed_s": elapsed,
+                                   "chunks": chunks, "resumes": resumes}, ckpt)
             atomic_write_json(ckpt.with_suffix(".json"), snapshot)
 
         next_save = (offset // every + 1) * every

@@ -20,12 +20,14 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from lengthwise.attention.blocked import lambda_attention_blocked
 from lengthwise.attention.cache import LambdaCache
+from lengthwise.attention.flex import lambda_attention_flex
 from lengthwise.attention.middle import BlockIndex
 from lengthwise.attention.pattern import LambdaPattern, lambda_attention_reference
 from lengthwise.models.compat import CACHE_NAMES, PatchNotInForce, cache_from_kwargs, cache_kwargs
 
 ATTN_NAME = "lengthwise_lambda"
-IMPLEMENTATIONS = {"blocked": lambda_attention_blocked, "eager": lambda_attention_reference}
+IMPLEMENTATIONS = {"blocked": lambda_attention_blocked, "eager": lambda_attention_reference,
+                   "flex": lambda_attention_flex}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
 from lengthwise.registry import register
 
-KERNELS = ("blocked", "eager")
+KERNELS = ("blocked", "eager", "flex")
 
 
 def check_positive(method: str, name: str, value, allow_zero: bool = False) -> None:
@@ -32,7 +32,7 @@ class LMInfiniteConfig:
     n_global: int = 10  # first tokens every query sees
     n_local: int | None = None  # last tokens every query sees (itself included); default: the training length
     distance_limit: int | None = None  # largest distance a global token appears at; default: the training length
-    impl: str = "blocked"  # "blocked" (O(n) fast path) | "eager" (dense reference, tests only)
+    impl: str = "blocked"  # "blocked" (O(n) fast path) | "eager" (dense reference, tests only) | "flex" (FlexAttention)
     block: int = 256  # query rows per block of the fast path
     # Attention to the middle (lengthwise.attention.middle); 0 and 0: plain Λ, bounded cache.
     top_k: int = 0  # middle tokens each query and head adds (official code: --top_k_attention)
@@ -54,6 +54,9 @@ class LMInfiniteConfig:
             check_positive("lm-infinite", name, getattr(self, name), allow_zero=True)
         for name in ("retrieval_block", "representatives", "query_group", "middle_distance", "middle_to_layer"):
             check_positive("lm-infinite", name, getattr(self, name))
+        if self.impl == "flex" and (self.top_k or self.top_blocks):
+            raise ValueError("lm-infinite top_k/top_blocks run on impl 'blocked' or 'eager', not 'flex' (the "
+                             "compiled CPU FlexAttention kernel returns no log-sum-exp to merge the middle with)")
         if self.top_k and self.top_blocks:
             raise ValueError(f"lm-infinite takes top_k (tokens) or top_blocks (blocks), not both; got top_k="
                              f"{self.top_k}, top_blocks={self.top_blocks}")

@@ -12,6 +12,7 @@ if not torch._dynamo.is_dynamo_supported():  # flex_attention runs through dynam
     pytest.skip("flex_attention needs dynamo, which this Python/torch does not support", allow_module_level=True)
 
 from lengthwise.attention import flex  # noqa: E402
+from lengthwise.testing import left_padded_positions, random_qkv  # noqa: E402
 from lengthwise.attention.flex import lambda_attention_flex  # noqa: E402
 from lengthwise.attention.pattern import (AlibiEncoding, LambdaPattern, RopeEncoding,  # noqa: E402
                                           lambda_attention_reference)
@@ -46,21 +47,6 @@ def _eager(monkeypatch):
     flex._mask_cache.clear()
 
 
-def _qkv(B=2, H=4, Hk=2, T=70, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, T, D, generator=g) for h in (H, Hk, Hk)]
-
-
-def _positions(B, T, pad):
-    """Row 1 left-padded by `pad` tokens, positions as transformers' generate() makes them (pads at 1)."""
-    pos = torch.arange(T)[None].repeat(B, 1)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if pad:
-        valid[1, :pad] = False
-        pos[1] = (pos[1] - pad).masked_fill(~valid[1], 1)
-    return pos, valid
-
-
 def _check(q, k, v, q_pos, k_pos, k_valid, pattern, encoding, block=16):
     args = (q, k, v, q_pos, k_pos, k_valid, pattern, encoding, 0.3)
     torch.testing.assert_close(lambda_attention_flex(*args, block=block), lambda_attention_reference(*args),
@@ -71,8 +57,8 @@ def _check(q, k, v, q_pos, k_pos, k_valid, pattern, encoding, block=16):
 @pytest.mark.parametrize("pattern", PATTERNS, ids=_name)
 def test_flex_matches_eager_reference(encoding, pattern):
     """Grouped-query heads (4 over 2), one unpadded and one left-padded row: one pass, and one decoding step."""
-    q, k, v = _qkv()
-    pos, valid = _positions(2, 70, pad=7)
+    q, k, v = random_qkv()
+    pos, valid = left_padded_positions(2, 70, pad=7)
     for tq in (70, 1):
         _check(q[:, :, -tq:], k, v, pos[:, -tq:], pos, valid, pattern, ENCODINGS[encoding])
 
@@ -80,8 +66,8 @@ def test_flex_matches_eager_reference(encoding, pattern):
 @pytest.mark.parametrize("encoding,pattern", [("rope", PATTERNS[0]), ("alibi", PATTERNS[1])], ids=["rope", "alibi"])
 def test_chunk_through_a_cache_without_padding(encoding, pattern):
     """A chunk of 9 queries against all 70 keys, k_valid None."""
-    q, k, v = _qkv()
-    pos, _ = _positions(2, 70, pad=0)
+    q, k, v = random_qkv()
+    pos, _ = left_padded_positions(2, 70, pad=0)
     _check(q[:, :, -9:], k, v, pos[:, -9:], pos, None, pattern, ENCODINGS[encoding])
 
 
@@ -89,15 +75,15 @@ def test_chunk_through_a_cache_without_padding(encoding, pattern):
 def test_padded_shapes_match_eager_reference(encoding, monkeypatch):
     """Lengths padded to powers of two (as the compiled path does): padded keys and queries change nothing."""
     monkeypatch.setattr(flex, "BUCKET_SHAPES", True)
-    q, k, v = _qkv(T=45)
-    pos, valid = _positions(2, 45, pad=5)
+    q, k, v = random_qkv(T=45)
+    pos, valid = left_padded_positions(2, 45, pad=5)
     for tq in (45, 3):
         _check(q[:, :, -tq:], k, v, pos[:, -tq:], pos, valid, LambdaPattern(3, 10, 16), ENCODINGS[encoding])
 
 
 def test_query_that_sees_nothing_gets_zero():
-    q, k, v = _qkv(T=40)
-    pos, valid = _positions(2, 40, pad=0)
+    q, k, v = random_qkv(T=40)
+    pos, valid = left_padded_positions(2, 40, pad=0)
     valid[1] = False  # row 1 has no key at all
     args = (q, k, v, pos, pos, valid, LambdaPattern(3, 8, 12), ENCODINGS["rope"], 0.3)
     out = lambda_attention_flex(*args, block=16)
@@ -107,9 +93,9 @@ def test_query_that_sees_nothing_gets_zero():
 
 def test_block_mask_cache_follows_the_positions():
     """Same shapes, other padding: a cached BlockMask must not be reused."""
-    q, k, v = _qkv(T=40)
+    q, k, v = random_qkv(T=40)
     for pad in (0, 6, 0):
-        pos, valid = _positions(2, 40, pad)
+        pos, valid = left_padded_positions(2, 40, pad)
         _check(q, k, v, pos, pos, valid, LambdaPattern(2, 8, 12), ENCODINGS["alibi"])
     assert len(flex._mask_cache) == 1  # one key (pattern, shapes); its entry replaced as the positions changed
 
@@ -125,9 +111,9 @@ def test_block_mask_skips_keys_no_query_sees():
 
 def test_gradients_fall_back_to_the_reference_on_cpu():
     """FlexAttention has no backward on CPU: a call that needs gradients runs the reference."""
-    q, k, v = _qkv(T=30)
+    q, k, v = random_qkv(T=30)
     q.requires_grad_(True)
-    pos, _ = _positions(2, 30, pad=0)
+    pos, _ = left_padded_positions(2, 30, pad=0)
     args = (q, k, v, pos, pos, None, LambdaPattern(2, 8, 12), ENCODINGS["rope"], 0.3)
     out = lambda_attention_flex(*args)
     out.sum().backward()
@@ -143,8 +129,8 @@ def test_a_failing_compile_falls_back_to_eager_flex(monkeypatch):
     monkeypatch.setattr(flex, "_compile_failed", False)
     monkeypatch.setattr(flex, "_compiled_flex", lambda: broken)
     monkeypatch.setattr(flex.shutil, "which", lambda name: "/usr/bin/" + name)
-    q, k, v = _qkv(T=30)
-    pos, _ = _positions(2, 30, pad=0)
+    q, k, v = random_qkv(T=30)
+    pos, _ = left_padded_positions(2, 30, pad=0)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ compile error"):
         _check(q, k, v, pos, pos, None, LambdaPattern(2, 8, 12), ENCODINGS["rope"])
     assert flex._compile_failed  # eager flex from then on, without trying again
@@ -153,8 +139,8 @@ def test_a_failing_compile_falls_back_to_eager_flex(monkeypatch):
 
 def test_middle_retrieval_is_refused():
     from lengthwise.attention.middle import MiddleRetrieval
-    q, k, v = _qkv(T=20)
-    pos, _ = _positions(2, 20, pad=0)
+    q, k, v = random_qkv(T=20)
+    pos, _ = left_padded_positions(2, 20, pad=0)
     pattern = LambdaPattern(2, 8, 12, middle=MiddleRetrieval(distance=8, top_k=2))
     with pytest.raises(NotImplementedError, match="middle"):
         lambda_attention_flex(q, k, v, pos, pos, None, pattern, ENCODINGS["rope"], 0.3)
@@ -166,8 +152,8 @@ def test_middle_retrieval_is_refused():
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
 def test_compiled_flex_matches_eager_reference(encoding, monkeypatch):
     monkeypatch.setattr(flex, "COMPILE", True)  # errors surface instead of falling back to eager flex
-    q, k, v = _qkv()
-    pos, valid = _positions(2, 70, pad=7)
+    q, k, v = random_qkv()
+    pos, valid = left_padded_positions(2, 70, pad=7)
     with torch.no_grad():
         for tq in (70, 1):
             _check(q[:, :, -tq:], k, v, pos[:, -tq:], pos, valid, LambdaPattern(3, 20, 32), ENCODINGS[encoding])
@@ -179,7 +165,7 @@ def test_compiled_flex_matches_eager_reference(encoding, monkeypatch):
 def test_impl_flex_in_a_model_equals_eager(family, monkeypatch):
     """`lm-infinite:impl=flex` through the transformers hooks: one pass and cached decoding equal impl=eager."""
     from lengthwise import api
-    from lengthwise.testing import random_ids, tiny_model
+    from lengthwise.testing import left_padded_positions, random_ids, random_qkv, tiny_model
 
     monkeypatch.setattr(flex, "COMPILE", False)  # eager flex: the default tier must not wait for a compile
     model, ids = tiny_model(family, length=32), random_ids(80)

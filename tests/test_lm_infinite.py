@@ -9,26 +9,11 @@ from lengthwise.attention import AlibiEncoding, LambdaPattern, RopeEncoding, lam
 from lengthwise.attention.cache import LambdaCache
 from lengthwise.rope.rotation import rotate, rotation_angles
 from lengthwise.rope.scaling import base_inv_freq as default_inv_freq
-from lengthwise.testing import TINY_FAMILIES, random_ids, tiny_model
+from lengthwise.testing import TINY_FAMILIES, left_padded_positions, random_ids, random_qkv, tiny_model
 from lengthwise.models.compat import cache_kwargs
 
 torch.set_num_threads(1)
 SMALL = dict(n_global=2, n_local=8, distance_limit=16)  # training length 32 below
-
-
-def _qkv(B=2, H=4, Hk=2, T=70, D=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, T, D, generator=g) for h in (H, Hk, Hk)]
-
-
-def _positions(B, T, pad):
-    """Left padding of `pad` tokens in row 1, positions as transformers' generate() makes them (pads at 1)."""
-    pos = torch.arange(T)[None].repeat(B, 1)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if pad:
-        valid[1, :pad] = False
-        pos[1] = (pos[1] - pad).masked_fill(~valid[1], 1)
-    return pos, valid
 
 
 ENCODINGS = {
@@ -44,8 +29,8 @@ PATTERNS = [LambdaPattern(3, 20, 32), LambdaPattern(0, 20, 20), LambdaPattern(3,
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("pad", [0, 7])
 def test_blocked_kernel_matches_eager_reference(encoding, pattern, pad):
-    q, k, v = _qkv()
-    pos, valid = _positions(2, 70, pad)
+    q, k, v = random_qkv()
+    pos, valid = left_padded_positions(2, 70, pad)
     for tq in (70, 9, 1):  # one pass, a chunk through a cache, one decoding step
         args = (q[:, :, -tq:], k, v, pos[:, -tq:], pos, valid if pad else None, pattern, ENCODINGS[encoding], 0.3)
         ref = lambda_attention_reference(*args)
@@ -57,7 +42,7 @@ def test_blocked_kernel_matches_eager_reference(encoding, pattern, pad):
 @pytest.mark.parametrize("block,run", [(16, 1), (16, 3), (8, 4)])
 def test_batched_interior_blocks_match_eager_reference(block, run):
     """Long unpadded input: many interior blocks, batched `run` at a time (GQA, and a chunk through a cache)."""
-    q, k, v = _qkv(T=300)
+    q, k, v = random_qkv(T=300)
     pos = torch.arange(300)[None].repeat(2, 1)
     for pattern in (LambdaPattern(4, 64, 96), LambdaPattern(4, 40, 59, "self")):
         for tq in (300, 100):
@@ -68,7 +53,7 @@ def test_batched_interior_blocks_match_eager_reference(block, run):
 
 def test_queries_that_are_all_global_keys():
     """No band at all (every key is a global key): the kernel must not call the fused kernel on empty ranges."""
-    q, k, v = _qkv(T=5)
+    q, k, v = random_qkv(T=5)
     pos = torch.arange(5)[None].repeat(2, 1)
     args = (q, k, v, pos, pos, None, LambdaPattern(8, 20, 32), ENCODINGS["rope-half"], 0.3)
     torch.testing.assert_close(lambda_attention_blocked(*args), lambda_attention_reference(*args), atol=2e-5,

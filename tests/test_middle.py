@@ -11,7 +11,7 @@ from lengthwise.attention.middle import MiddleRetrieval
 from lengthwise.models.compat import PatchNotInForce, cache_kwargs
 from lengthwise.rope.rotation import rotate, rotation_angles
 from lengthwise.rope.scaling import base_inv_freq
-from lengthwise.testing import random_ids, tiny_model
+from lengthwise.testing import left_padded_positions, random_ids, random_qkv, tiny_model
 
 torch.set_num_threads(1)
 ENCODINGS = {
@@ -27,15 +27,10 @@ MIDDLES = {
 }
 
 
-def _qkv(B=2, H=4, Hk=2, T=300, D=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, T, D, generator=g) for h in (H, Hk, Hk)]
-
-
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
 @pytest.mark.parametrize("middle", list(MIDDLES))
 def test_fast_path_matches_eager_reference(encoding, middle):
-    q, k, v = _qkv()
+    q, k, v = random_qkv(T=300)
     pos = torch.arange(300)[None].repeat(2, 1)
     pattern = LambdaPattern(4, 40, 59, middle=MIDDLES[middle])
     plain = LambdaPattern(4, 40, 59)
@@ -135,7 +130,7 @@ def test_generate_keeps_the_middle_and_matches_greedy_one_pass():
 
 
 def test_left_padding_is_refused_with_a_clear_error():
-    q, k, v = _qkv(T=80)
+    q, k, v = random_qkv(T=80)
     pos = torch.arange(80)[None].repeat(2, 1)
     valid = torch.ones(2, 80, dtype=torch.bool)
     valid[1, :5] = False
@@ -156,7 +151,7 @@ def test_a_bounded_cache_on_a_middle_layer_raises():
 
 
 @pytest.mark.parametrize("options,message", [
-    ("top_k=2,top_blocks=2", "not both"),
+    ("top_k=2,top_blocks=2", "exactly one of them"),
     ("top_blocks=2,retrieval_block=32", "must not exceed n_local"),
     ("top_k=2,middle_distance=64", "must not exceed distance_limit"),
     ("top_k=2,middle_from_layer=5", "below the model's"),

@@ -83,6 +83,23 @@ def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=generator)
 
 
+def random_qkv(B: int = 2, H: int = 4, Hk: int = 2, T: int = 70, D: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    """Random q (B, H, T, D), k and v (B, Hk, T, D) for kernel tests."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, heads, T, D, generator=generator) for heads in (H, Hk, Hk)]
+
+
+def left_padded_positions(B: int, T: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) and validity (B, T) with row 1 left-padded by `pad` tokens, positions as transformers'
+    generate() makes them (pads at 1)."""
+    pos = torch.arange(T)[None].repeat(B, 1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if pad:
+        valid[1, :pad] = False
+        pos[1] = (pos[1] - pad).masked_fill(~valid[1], 1)
+    return pos, valid
+
+
 @functools.cache
 def tiny_tokenizer():
     """A small byte-level BPE tokenizer trained in code (no download), vocab <= 300."""

@@ -45,15 +45,15 @@ class MiddleRetrieval:
     query_group: int = 64  # queries sharing one block selection
     queries: str = "all"  # "all" | "last" (the official code: the last query of each forward call)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # messages name lm-infinite's options, which build this
         if (self.top_k > 0) == (self.top_blocks > 0):
-            raise ValueError(f"middle retrieval needs exactly one of top_k, top_blocks > 0, got {self.top_k}, "
-                             f"{self.top_blocks}")
+            raise ValueError(f"takes top_k (tokens) or top_blocks (blocks), exactly one of them above 0; got top_k="
+                             f"{self.top_k}, top_blocks={self.top_blocks}")
         if self.block_size % self.representatives:
-            raise ValueError(f"block_size ({self.block_size}) must be a multiple of representatives "
+            raise ValueError(f"retrieval_block ({self.block_size}) must be a multiple of representatives "
                              f"({self.representatives})")
         if self.queries not in QUERY_MODES:
-            raise ValueError(f"queries must be one of {', '.join(QUERY_MODES)}, got {self.queries!r}")
+            raise ValueError(f"middle_queries must be one of {', '.join(QUERY_MODES)}, got {self.queries!r}")
 
 
 def head_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lengthwise.attention.install import install_lambda
-from lengthwise.attention.middle import QUERY_MODES, MiddleRetrieval
+from lengthwise.attention.middle import MiddleRetrieval
 from lengthwise.attention.pattern import LambdaPattern
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
@@ -57,15 +57,11 @@ class LMInfiniteConfig:
         if self.impl == "flex" and (self.top_k or self.top_blocks):
             raise ValueError("lm-infinite top_k/top_blocks run on impl 'blocked' or 'eager', not 'flex' (the "
                              "compiled CPU FlexAttention kernel returns no log-sum-exp to merge the middle with)")
-        if self.top_k and self.top_blocks:
-            raise ValueError(f"lm-infinite takes top_k (tokens) or top_blocks (blocks), not both; got top_k="
-                             f"{self.top_k}, top_blocks={self.top_blocks}")
-        if self.retrieval_block % self.representatives:
-            raise ValueError(f"lm-infinite retrieval_block ({self.retrieval_block}) must be a multiple of "
-                             f"representatives ({self.representatives})")
-        if self.middle_queries not in QUERY_MODES:
-            raise ValueError(f"lm-infinite middle_queries must be one of {', '.join(QUERY_MODES)}, got "
-                             f"{self.middle_queries!r}")
+        if self.top_k or self.top_blocks:
+            try:
+                self.middle(distance=1)
+            except ValueError as error:
+                raise ValueError(f"lm-infinite {error}") from None
         if self.middle_to_layer is not None and self.middle_to_layer <= self.middle_from_layer:
             raise ValueError(f"lm-infinite middle_to_layer ({self.middle_to_layer}) must exceed middle_from_layer "
                              f"({self.middle_from_layer})")
@@ -74,6 +70,10 @@ class LMInfiniteConfig:
                 f"lm-infinite n_local ({self.n_local}) must not exceed distance_limit ({self.distance_limit}): "
                 "local tokens keep their true distance, which must stay within the limit"
             )
+
+    def middle(self, distance: int) -> MiddleRetrieval:
+        return MiddleRetrieval(distance, self.top_k, self.top_blocks, self.retrieval_block, self.representatives,
+                               self.query_group, self.middle_queries)
 
 
 def resolve(config: LMInfiniteConfig, pretrain_length: int) -> LambdaPattern:
@@ -101,9 +101,7 @@ def resolve_middle(config: LMInfiniteConfig, pattern: LambdaPattern, num_layers:
     if config.middle_from_layer >= num_layers:
         raise ValueError(f"lm-infinite middle_from_layer ({config.middle_from_layer}) must be below the model's "
                          f"{num_layers} layers")
-    middle = MiddleRetrieval(distance, config.top_k, config.top_blocks, config.retrieval_block,
-                             config.representatives, config.query_group, config.middle_queries)
-    return middle, range(config.middle_from_layer, min(config.middle_to_layer or num_layers, num_layers))
+    return config.middle(distance), range(config.middle_from_layer, min(config.middle_to_layer or num_layers, num_layers))
 
 
 @register(

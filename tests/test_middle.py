@@ -117,11 +117,13 @@ def test_chunks_through_the_cache_equal_one_pass(spec):
     assert kept[first:] == [120] * (len(kept) - first) and all(n < 120 for n in kept[:first])
 
 
-def test_generate_keeps_the_middle_and_matches_greedy_one_pass():
+@pytest.mark.parametrize("spec", [SPECS[0], LOCAL + ",top_blocks=2,retrieval_block=8,query_group=1"])
+def test_generate_keeps_the_middle_and_matches_greedy_one_pass(spec):
+    """Decoding through the cache (block boxes kept in it and extended as blocks fill) == recomputing from scratch."""
     model, ids = tiny_model("llama", length=32), random_ids(60)
-    handle = api.patch(model, SPECS[0])
+    handle = api.patch(model, spec)
     try:
-        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
         with torch.no_grad():
             again = model(input_ids=out[:, :-1]).logits[0, ids.shape[1] - 1:].argmax(-1)
     finally:

@@ -34,6 +34,8 @@ def _spec_cases():
         families += ["bloom"] if "alibi" in get_method(name).encodings else []
         for family in families:
             yield pytest.param(family, name, id=f"{family}-{name}")
+    for spec in ("lm-infinite:n_local=16,top_k=3,middle_queries=last", "lm-infinite:n_local=16,top_blocks=2,retrieval_block=8"):
+        yield pytest.param("llama", spec, id=f"llama-{spec}")  # middle retrieval depends on the calls made
 
 
 @pytest.mark.parametrize(("family", "method"), list(_spec_cases()))
@@ -44,11 +46,11 @@ def test_teacher_forced_argmax_equals_greedy_generation(family, method):
     prompt = make_passkey_prompt(tiny_tokenizer(), PROMPT_LENGTH, 0.5, "12345")
     greedy = generate(model, torch.tensor([prompt.input_ids]), method, max_new_tokens=6).tolist()
     as_answer = PasskeyPrompt(prompt.input_ids, greedy, "", 0.5)
-    if get_method(method).role == "scoring":
+    if get_method(method.partition(":")[0]).role == "scoring":
         predicted = predict_answer(model, as_answer, window=32)
     else:
-        with patch(model, method):
-            predicted = predict_answer(model, as_answer)
+        with patch(model, method) as handle:
+            predicted = predict_answer(model, as_answer, cache=handle.new_cache())
     assert predicted == greedy
     # A wrong token at position 3 is caught there, and the tokens before it still match.
     wrong = greedy[:3] + [(greedy[3] + 1) % 300] + greedy[4:]

@@ -6,6 +6,8 @@ so "all answer tokens are the argmax under teacher forcing" is the same event as
 tokens equal the answer" (the first mismatch ends both). One forward pass over prompt + answer[:-1] therefore
 scores a trial (tested against `generation.generate` for every method on tiny models). The sliding-window
 baseline predicts each answer token from the last `window` tokens, the same rows its greedy decoding recomputes.
+Methods with their own KV cache (lm-infinite, streaming) are scored through it with the calls `generate()` makes
+(the prompt, then one answer token per call): their middle retrieval depends on the calls.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lengthwise.api import patch
 from lengthwise.data.passkey import PasskeyPrompt, make_passkey_prompt, random_key
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, is_scoring, resolve_spec
+from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import get_method, parse_method_spec
@@ -43,15 +46,24 @@ def trial_key(seed: int, length: int, depth: float, trial: int, digits: int = 5)
 
 
 @torch.no_grad()
-def predict_answer(model, prompt: PasskeyPrompt, window: int | None = None) -> list[int]:
+def predict_answer(model, prompt: PasskeyPrompt, window: int | None = None, cache=None) -> list[int]:
     """Teacher-forced argmax at each answer position (len(answer) token ids).
 
     window=None: one causal pass over prompt + answer[:-1] (under whatever patch is on the model);
-    window=W: the sliding-window baseline, each answer token predicted from the W tokens before it.
+    window=W: the sliding-window baseline, each answer token predicted from the W tokens before it;
+    cache: the method's own KV cache (lm-infinite, streaming): the prompt in one call, then one answer token per
+    call through the cache, the calls `generate()` makes. Middle retrieval depends on them (the last query of a
+    call, query groups), so one pass would score something else.
     """
     device = next(model.parameters()).device
     ids = torch.tensor(prompt.input_ids + prompt.answer_ids[:-1], device=device)  # (N + a - 1,)
     a, n = len(prompt.answer_ids), len(prompt.input_ids)
+    if cache is not None:
+        predicted = []
+        for start, end in [(0, n)] + [(n + j - 1, n + j) for j in range(1, a)]:
+            out = model(input_ids=ids[None, start:end], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            predicted.append(int(out.logits[0, -1].argmax()))
+        return predicted
     if window is None:
         logits = model(input_ids=ids[None], use_cache=False, logits_to_keep=a).logits[0]  # (a, V)
         return logits.argmax(-1).tolist()
@@ -122,7 +134,7 @@ def passkey(
                 method_config = handle.describe()
             try:
                 for prompt in prompts:
-                    predicted = predict_answer(model, prompt, window)
+                    predicted = predict_answer(model, prompt, window, None if handle is None else handle.new_cache())
                     exact, fraction = score(predicted, prompt.answer_ids)
                     correct += exact
                     token_acc += fraction

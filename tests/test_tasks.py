@@ -11,7 +11,7 @@ from lengthwise.cli import app
 from lengthwise.data.corpus import Document
 from lengthwise.data.passkey import PasskeyPrompt, make_passkey_prompt
 from lengthwise.eval.gen_quality import gen_quality, text_scores
-from lengthwise.eval.passkey import check_depths, passkey, predict_answer, score, trial_key
+from lengthwise.eval.passkey import check_depths, first_integer, own_cache, passkey, predict_answer, score, trial_key
 from lengthwise.eval.results import ResultsFile
 from lengthwise.eval.speed import bench, build_llama
 from lengthwise.eval.tasks import (
@@ -47,15 +47,22 @@ def test_teacher_forced_argmax_equals_greedy_generation(family, method):
     greedy = generate(model, torch.tensor([prompt.input_ids]), method, max_new_tokens=6).tolist()
     as_answer = PasskeyPrompt(prompt.input_ids, greedy, "", 0.5)
     if get_method(method.partition(":")[0]).role == "scoring":
-        predicted = predict_answer(model, as_answer, window=32)
+        predicted, free = predict_answer(model, as_answer, window=32, greedy_tokens=6)
     else:
         with patch(model, method) as handle:
-            predicted = predict_answer(model, as_answer, cache=handle.new_cache())
-    assert predicted == greedy
+            predicted, free = predict_answer(model, as_answer, cache=own_cache(model, handle), greedy_tokens=6)
+            one_pass, _ = predict_answer(model, as_answer)  # without a cache of its own: one pass
+        assert handle.new_cache() is not None or one_pass == greedy
+    assert predicted == greedy and free == greedy  # teacher-forced and greedy branches both reproduce generate()
     # A wrong token at position 3 is caught there, and the tokens before it still match.
     wrong = greedy[:3] + [(greedy[3] + 1) % 300] + greedy[4:]
     exact, fraction = score(predicted, wrong)
     assert not exact and fraction == pytest.approx(5 / 6)
+
+
+def test_found_metric_takes_the_first_integer_as_the_official_script_does():
+    assert first_integer("the 49484. Remember") == "49484"
+    assert first_integer(" 4948 4") == "4948" and first_integer("no digits") is None
 
 
 def test_passkey_cells_keys_and_resume(tmp_path):

@@ -8,14 +8,21 @@ scores a trial (tested against `generation.generate` for every method on tiny mo
 baseline predicts each answer token from the last `window` tokens, the same rows its greedy decoding recomputes.
 Methods with their own KV cache (lm-infinite, streaming) are scored through it with the calls `generate()` makes
 (the prompt, then one answer token per call): their middle retrieval depends on the calls.
+
+A second metric, `found_accuracy`, follows the official LM-Infinite passkey script: greedy decoding of
+len(answer) + 4 tokens, correct when the first run of digits in the text is the key. A model that answers
+"the 49484" fails the first metric (a stray token before the key) and passes this one.
 """
 
 from __future__ import annotations
 
+import copy
 import random
+import re
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache, PreTrainedModel
 
 from lengthwise.api import patch
 from lengthwise.data.passkey import PasskeyPrompt, make_passkey_prompt, random_key
@@ -45,34 +52,65 @@ def trial_key(seed: int, length: int, depth: float, trial: int, digits: int = 5)
     return random_key(random.Random(f"passkey|{seed}|{length}|{depth:g}|{trial}"), digits)
 
 
+EXTRA_TOKENS = 4  # greedy tokens past the answer's length, room for a stray word before the key ("the 49484")
+
+
+def _step(model, ids, cache):
+    """Logits (V,) of the last position of one call through `cache` (the calls `generate()` makes)."""
+    return model(input_ids=ids[None], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[0, -1]
+
+
 @torch.no_grad()
-def predict_answer(model, prompt: PasskeyPrompt, window: int | None = None, cache=None) -> list[int]:
-    """Teacher-forced argmax at each answer position (len(answer) token ids).
+def predict_answer(model, prompt: PasskeyPrompt, window: int | None = None, cache=None,
+                   greedy_tokens: int = 0) -> tuple[list[int], list[int]]:
+    """(teacher-forced argmax at each answer position, `greedy_tokens` tokens of greedy decoding after the prompt).
 
     window=None: one causal pass over prompt + answer[:-1] (under whatever patch is on the model);
-    window=W: the sliding-window baseline, each answer token predicted from the W tokens before it;
-    cache: the method's own KV cache (lm-infinite, streaming): the prompt in one call, then one answer token per
-    call through the cache, the calls `generate()` makes. Middle retrieval depends on them (the last query of a
-    call, query groups), so one pass would score something else.
+    window=W: the sliding-window baseline, each token predicted from the W tokens before it;
+    cache: a KV cache (the method's own: lm-infinite, streaming; or a DynamicCache): the prompt in one call, then one
+    token per call through the cache, the calls `generate()` makes (middle retrieval depends on them, so one pass
+    would score something else); the greedy branch continues from a copy of the cache after the prompt.
     """
     device = next(model.parameters()).device
     ids = torch.tensor(prompt.input_ids + prompt.answer_ids[:-1], device=device)  # (N + a - 1,)
     a, n = len(prompt.answer_ids), len(prompt.input_ids)
     if cache is not None:
-        predicted = []
-        for start, end in [(0, n)] + [(n + j - 1, n + j) for j in range(1, a)]:
-            out = model(input_ids=ids[None, start:end], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-            predicted.append(int(out.logits[0, -1].argmax()))
-        return predicted
+        first = _step(model, ids[:n], cache)
+        greedy_cache = copy.deepcopy(cache) if greedy_tokens else None
+        forced = [int(first.argmax())] + [int(_step(model, ids[n + j - 1:n + j], cache).argmax()) for j in range(1, a)]
+        greedy = [int(first.argmax())][:greedy_tokens]
+        while len(greedy) < greedy_tokens:
+            greedy.append(int(_step(model, torch.tensor(greedy[-1:], device=device), greedy_cache).argmax()))
+        return forced, greedy
     if window is None:
-        logits = model(input_ids=ids[None], use_cache=False, logits_to_keep=a).logits[0]  # (a, V)
-        return logits.argmax(-1).tolist()
-    # Row j holds the `window` tokens ending right before answer token j (fewer when the prompt is shorter).
-    ends = [n + j for j in range(a)]
-    width = min(window, n)
-    rows = torch.stack([ids[end - width : end] for end in ends])  # (a, width)
-    logits = model(input_ids=rows, use_cache=False, logits_to_keep=1).logits[:, -1]  # (a, V)
-    return logits.argmax(-1).tolist()
+        forced = model(input_ids=ids[None], use_cache=False, logits_to_keep=a).logits[0].argmax(-1).tolist()  # (a,)
+    else:
+        # Row j holds the `window` tokens ending right before answer token j (fewer when the prompt is shorter).
+        width = min(window, n)
+        rows = torch.stack([ids[n + j - width:n + j] for j in range(a)])  # (a, width)
+        forced = model(input_ids=rows, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+    context, greedy = list(prompt.input_ids), []
+    while len(greedy) < greedy_tokens:  # no cache: recompute (lab models; the sliding window recomputes anyway)
+        row = torch.tensor(context[-window:] if window else context, device=device)[None]
+        greedy.append(int(model(input_ids=row, use_cache=False, logits_to_keep=1).logits[0, -1].argmax()))
+        context.append(greedy[-1])
+    return forced, greedy
+
+
+def first_integer(text: str) -> str | None:
+    """The first run of digits in a generated text (the official LM-Infinite passkey metric compares it with the
+    key)."""
+    found = re.search(r"\d+", text)
+    return found.group(0) if found else None
+
+
+def own_cache(model, handle):
+    """The KV cache a prompt runs through: the method's own, else a DynamicCache for transformers models (their
+    greedy branch decodes through it), else None (lab models keep no cache: recomputed)."""
+    cache = None if handle is None else handle.new_cache()
+    if cache is None and isinstance(model, PreTrainedModel):
+        cache = DynamicCache(config=model.config)
+    return cache
 
 
 def score(predicted: Sequence[int], answer: Sequence[int]) -> tuple[bool, float]:
@@ -122,7 +160,7 @@ def passkey(
             bar.update(task, description=f"passkey {spec} @ {n}, depth {depth:g}%")
             prompts = [make_passkey_prompt(tokenizer, n, depth / 100, trial_key(seed, n, depth, t))
                        for t in range(trials)]
-            correct, token_acc, predictions = 0, 0.0, []
+            correct, found, token_acc, predictions, generated = 0, 0, 0.0, [], []
             if is_scoring(spec):
                 name, options = parse_method_spec(spec)[0]
                 config = get_method(name).make_config(**options)
@@ -134,21 +172,25 @@ def passkey(
                 method_config = handle.describe()
             try:
                 for prompt in prompts:
-                    predicted = predict_answer(model, prompt, window, None if handle is None else handle.new_cache())
+                    predicted, greedy = predict_answer(model, prompt, window, None if window else own_cache(model, handle),
+                                                       len(prompt.answer_ids) + EXTRA_TOKENS)
                     exact, fraction = score(predicted, prompt.answer_ids)
                     correct += exact
                     token_acc += fraction
                     predictions.append(tokenizer.decode(predicted).strip())
+                    generated.append(tokenizer.decode(greedy))
+                    found += first_integer(generated[-1]) == prompt.key
                     bar.advance(task)
             finally:
                 if handle is not None:
                     handle.remove()
             metrics = {"accuracy": round(correct / trials, 4), "correct": correct, "trials": trials,
-                       "token_accuracy": round(token_acc / trials, 4)}
+                       "token_accuracy": round(token_acc / trials, 4), "found_accuracy": round(found / trials, 4)}
             record = make_record("passkey", key, model=model_name, method=method, method_config=method_config,
                                  data="passkey", seed=seed, metrics=metrics, length=n, depth=depth,
                                  method_resolved=spec, pretrain_length=info.pretrain_length,
-                                 keys=[p.key for p in prompts], predictions=predictions)
+                                 keys=[p.key for p in prompts], predictions=predictions,
+                                 generated=generated)
             results.append(record)
             records.append(record)
     return records

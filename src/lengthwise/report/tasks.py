@@ -35,26 +35,33 @@ def _fmt(value, spec: str) -> str:
 # --- passkey ---------------------------------------------------------------------------------------------------
 
 
-def passkey_accuracy(records: list[dict]) -> dict[tuple[str, int], tuple[int, int]]:
-    """(method, length) -> (correct, trials) summed over depths (latest record per cell)."""
-    latest = {(r["method"], r["length"], r["depth"]): r for r in records}
+def passkey_accuracy(records: list[dict], metric: str = "accuracy") -> dict[tuple[str, int], tuple[int, int]]:
+    """(method, length) -> (correct, trials) summed over depths (latest record per cell); `metric`: "accuracy"
+    (exact answer tokens) or "found_accuracy" (the official script's first integer; records that have it)."""
+    latest = {(r["method"], r["length"], r["depth"]): r for r in records if metric in r["metrics"]}
     totals: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
     for (method, length, _), r in latest.items():
-        totals[(method, length)][0] += r["metrics"]["correct"]
+        totals[(method, length)][0] += round(r["metrics"][metric] * r["metrics"]["trials"])
         totals[(method, length)][1] += r["metrics"]["trials"]
     return {k: (c, t) for k, (c, t) in totals.items()}
 
 
+PASSKEY_METRICS = {"accuracy": "passkey accuracy",
+                   "found_accuracy": "passkey found (official metric: first integer of the greedy text)"}
+
+
 def passkey_tables(records: list[dict]) -> str:
     blocks = []
-    for (model, _), rows in group(records, "passkey").items():
-        totals = passkey_accuracy(rows)
+    for ((model, _), rows), metric in ((item, m) for item in group(records, "passkey").items() for m in PASSKEY_METRICS):
+        totals = passkey_accuracy(rows, metric)
+        if not totals:
+            continue
         lengths = sorted({n for _, n in totals})
         depths = sorted({r["depth"] for r in rows})
         trials = sorted({r["metrics"]["trials"] for r in rows})
-        header = [f"passkey accuracy ({model}; {len(depths)} depths x {'/'.join(map(str, trials))} trials)"]
+        header = [f"{PASSKEY_METRICS[metric]} ({model}; {len(depths)} depths x {'/'.join(map(str, trials))} trials)"]
         body = []
-        for method in _methods(rows):
+        for method in [m for m in _methods(rows) if any(key[0] == m for key in totals)]:
             line = [method]
             for n in lengths:
                 correct, total = totals.get((method, n), (0, 0))

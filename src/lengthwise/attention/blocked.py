@@ -19,6 +19,7 @@ import torch
 
 from lengthwise.attention.middle import check_sequence, middle_part
 from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads, visibility
+from lengthwise.attention.softmax import softmax_with_lse
 
 
 def global_candidates(k_pos: torch.Tensor, k_valid: torch.Tensor | None, n_global: int) -> int:
@@ -45,8 +46,7 @@ def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding,
             dist = torch.where(limited, cap.to(scores.dtype), dist)
         scores = scores - encoding.slopes.to(scores)[None, :, None, None] * dist
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Bq); -inf where nothing is visible
-    probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0)
+    probs, lse = softmax_with_lse(scores)  # lse (B, H, Bq); -inf where nothing is visible
     return probs.to(vg.dtype) @ vg, lse
 
 
@@ -86,8 +86,7 @@ def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False):
         scores = scores + mask
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0)
+    probs, lse = softmax_with_lse(scores)
     out = probs.to(v.dtype).reshape(B, Hk, -1, Tk) @ v  # (B, Hk, H/Hk * Tq, D)
     return out.reshape(B, H, Tq, D), lse
 

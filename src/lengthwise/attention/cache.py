@@ -66,9 +66,8 @@ class LambdaCacheLayer(DynamicLayer):
             return held
         sources = [self.keys, self.values] + ([self.positions, self.valid] if self.positions is not None else [])
         sources = sources if held else []  # the first update: keys are an empty placeholder
-        in_place = kept + new <= capacity <= kept + new + self.slack  # else too small or oversized
-        if self.keep_all:
-            in_place = kept + new <= capacity
+        # else too small or oversized (a layer that keeps every key is never compacted, only grown)
+        in_place = kept + new <= capacity if self.keep_all else kept + new <= capacity <= kept + new + self.slack
         if not in_place:  # (re)allocate, to the size a decoding step or this chunk needs; a growing layer doubles
             capacity = kept + new + (max(self.slack, kept) if self.keep_all else self.slack)
             batch = key_states.shape[0]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lengthwise.attention.softmax import softmax_with_lse
 from lengthwise.rope.rotation import rotate, rotation_angles
 
 QUERY_MODES = ("all", "last")
@@ -129,21 +130,13 @@ class BlockIndex:
 
 
 def _attend_selected(qf, keys, values, key_pos, q_pos, n_local, scale, bias):
-    """Softmax over selected middle keys. qf (B, H, g, D) at the fixed distance; keys/values anchored, either one
-    set per query (B, H, g, S, D) or one shared by the group (B, H, S, D); key_pos (B, H, g, S) or (B, H, S);
-    q_pos (B, g). Keys inside a query's window or after it are masked. Returns out (B, H, g, D), lse (B, H, g)."""
-    per_query = keys.dim() == 5
-    if per_query:  # S is small (top_k): a batched product per query
-        scores = (qf[..., None, :] @ keys.transpose(-1, -2)).squeeze(-2)  # (B, H, g, S)
-    else:
-        scores = qf @ keys.transpose(-1, -2)  # (B, H, g, S)
-        key_pos = key_pos[:, :, None]
-    scores = scores.float() * scale + bias[..., None]
-    scores = scores.masked_fill(q_pos[:, None, :, None] - key_pos < n_local, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None]).nan_to_num(0.0).to(values.dtype)
-    out = (probs[..., None, :] @ values).squeeze(-2) if per_query else probs @ values
-    return out, lse
+    """Softmax over the middle keys a query group selected. qf (B, H, g, D) at the fixed distance; keys/values
+    (B, H, S, D), keys anchored; key_pos (B, H, S); q_pos (B, g). Keys inside a query's window or after it are
+    masked. Returns out (B, H, g, D), lse (B, H, g)."""
+    scores = (qf @ keys.transpose(-1, -2)).float() * scale + bias[..., None]  # (B, H, g, S)
+    scores = scores.masked_fill(q_pos[:, None, :, None] - key_pos[:, :, None] < n_local, float("-inf"))
+    probs, lse = softmax_with_lse(scores)
+    return probs.to(values.dtype) @ values, lse
 
 
 def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -156,16 +149,17 @@ def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k_group(qf, k_anchor, v, q_pos, n_global, n_local, middle, scale, bias):
-    """Top-k tokens for a group of queries over the middle keys [n_global, n_global + Tm)."""
+    """Top-k tokens for a group of queries over the middle keys [n_global, n_global + Tm): the k best scores of
+    each query and head enter the softmax as they are (masked ones are -inf), only their values are gathered."""
     B, H, g, D = qf.shape
     Hk, Tm = k_anchor.shape[1], k_anchor.shape[2]
     scores = (head_groups(qf, Hk) @ k_anchor.transpose(-1, -2)).float().reshape(B, H, g, Tm) * scale  # (B,H,g,Tm)
     key_pos = torch.arange(n_global, n_global + Tm, device=qf.device)
     scores = scores.masked_fill(q_pos[:, None, :, None] - key_pos < n_local, float("-inf"))
     top, index = scores.topk(min(middle.top_k, Tm), dim=-1)  # (B, H, g, k)
-    keys = _gather_keys(k_anchor, index.reshape(B, H, -1)).reshape(B, H, g, -1, D)
+    probs, lse = softmax_with_lse(top + bias[..., None])
     values = _gather_keys(v[:, :, n_global:n_global + Tm], index.reshape(B, H, -1)).reshape(B, H, g, -1, D)
-    return _attend_selected(qf, keys, values, index + n_global, q_pos, n_local, scale, bias)
+    return (probs.to(values.dtype)[..., None, :] @ values).squeeze(-2), lse
 
 
 def _top_blocks_group(qf, k, v, q_pos, lo, hi, n_global, n_local, middle, encoding, scale, bias):

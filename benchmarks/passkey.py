@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--depths", default="0,25,50,75,100")
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated specs; separate one spec's options with ';'")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated specs; separate one spec's options with ';'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/results/passkey_llama-rope-256.jsonl")

@@ -34,7 +34,8 @@ def _spec_cases():
         families += ["bloom"] if "alibi" in get_method(name).encodings else []
         for family in families:
             yield pytest.param(family, name, id=f"{family}-{name}")
-    for spec in ("lm-infinite:n_local=16,top_k=3,middle_queries=last", "lm-infinite:n_local=16,top_blocks=2,retrieval_block=8"):
+    for spec in ("lm-infinite:n_local=16,top_k=3,middle_queries=last",
+                 "lm-infinite:n_local=16,top_blocks=2,retrieval_block=8"):
         yield pytest.param("llama", spec, id=f"llama-{spec}")  # middle retrieval depends on the calls made
 
 

@@ -38,7 +38,8 @@ class LambdaPattern:
         if self.n_global < 0 or self.n_local < 1:
             raise ValueError(f"need n_global >= 0 and n_local >= 1, got {self.n_global}, {self.n_local}")
         middle = self.middle
-        if middle is not None and (self.key_anchor != "zero" or (middle.top_blocks and middle.block_size > self.n_local)):
+        blocks_too_long = middle is not None and middle.top_blocks and middle.block_size > self.n_local
+        if middle is not None and (self.key_anchor != "zero" or blocks_too_long):
             raise ValueError("middle retrieval needs key_anchor 'zero' and block_size <= n_local (blocks that hold a "
                              f"middle key are then complete), got {self.key_anchor!r}, {middle.block_size}")
 

@@ -172,8 +172,9 @@ def passkey(
                 method_config = handle.describe()
             try:
                 for prompt in prompts:
-                    predicted, greedy = predict_answer(model, prompt, window, None if window else own_cache(model, handle),
-                                                       len(prompt.answer_ids) + EXTRA_TOKENS)
+                    cache = None if window else own_cache(model, handle)
+                    greedy_tokens = len(prompt.answer_ids) + EXTRA_TOKENS
+                    predicted, greedy = predict_answer(model, prompt, window, cache, greedy_tokens)
                     exact, fraction = score(predicted, prompt.answer_ids)
                     correct += exact
                     token_acc += fraction

@@ -53,6 +53,24 @@ def nll_one_pass(model, ids: torch.Tensor, chunk_size: int | None = None, cache=
 
 
 @torch.no_grad()
+def windows_nll(model, ids: torch.Tensor, ends: list[int], window: int, previous: int, offset: int = 0,
+                logits_to_keep: int = 0) -> torch.Tensor:
+    """One batch of sliding windows: the window ending at each of `ends` (ascending) scores the targets it adds
+    after the one before it (the first after `previous`). ids[i] is position offset + i; `logits_to_keep` (where the
+    model takes it): logits of the last positions only, enough for the targets a window adds."""
+    rows = torch.stack([ids[end - window - offset : end - offset] for end in ends])  # (B, window)
+    kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    logits = model(input_ids=rows, use_cache=False, **kwargs).logits  # (B, window or logits_to_keep, V)
+    width, pieces = logits.shape[1], []
+    for row, end in enumerate(ends):
+        scored = end - previous
+        targets = ids[end - scored - offset : end - offset]
+        pieces.append(_token_nll(logits[row, width - scored - 1 : width - 1], targets))
+        previous = end
+    return torch.cat(pieces).cpu()
+
+
+@torch.no_grad()
 def nll_sliding_window(model, ids: torch.Tensor, window: int, stride: int, batch_size: int = 8) -> torch.Tensor:
     """NLL of tokens 1..N-1, each predicted from at least `window - stride` and at most `window - 1` earlier tokens.
 
@@ -66,12 +84,7 @@ def nll_sliding_window(model, ids: torch.Tensor, window: int, stride: int, batch
     out = [_token_nll(model(input_ids=ids[None, :first], use_cache=False).logits[0, :-1], ids[1:first]).cpu()]
     ends = [min(e, n) for e in range(first + stride, n + stride, stride)]  # every end > first >= window
     for i in range(0, len(ends), batch_size):
-        group = ends[i : i + batch_size]
-        rows = torch.stack([ids[end - window : end] for end in group])  # (B, window)
-        logits = model(input_ids=rows, use_cache=False).logits  # (B, window, V)
-        for row, end in enumerate(group):
-            scored = end - (group[row - 1] if row else (ends[i - 1] if i else first))
-            out.append(_token_nll(logits[row, window - scored - 1 : window - 1], ids[end - scored : end]).cpu())
+        out.append(windows_nll(model, ids, ends[i : i + batch_size], window, ends[i - 1] if i else first))
     nll = torch.cat(out)
     assert len(nll) == n - 1, (len(nll), n)
     return nll

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from lengthwise.data.corpus import CORPUS_NAMES, shared_data_root, stdlib_files
-from lengthwise.eval.perplexity import _token_nll
+from lengthwise.eval.perplexity import _token_nll, windows_nll
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.io import atomic_torch_save, atomic_write_json
 from lengthwise.models.compat import cache_kwargs
@@ -433,18 +433,7 @@ class _SlidingWindowScorer:
             logits = self.model(input_ids=ids[None, :first], use_cache=False).logits[0]
             nll = _token_nll(logits[:-1], ids[1:first]).cpu()
         else:
-            rows = torch.stack([ids[end - self.window - base : end - base] for end in ends])  # (B, window)
-            keep = self.stride + 1
-            kwargs = {"logits_to_keep": keep} if self._keep else {}
-            logits = self.model(input_ids=rows, use_cache=False, **kwargs).logits  # (B, keep or window, V)
-            pieces, previous = [], offset
-            for row, end in enumerate(ends):
-                scored = end - previous
-                width = logits.shape[1]
-                targets = ids[end - scored - base : end - base]
-                pieces.append(_token_nll(logits[row, width - scored - 1 : width - 1], targets))
-                previous = end
-            nll = torch.cat(pieces).cpu()
+            nll = windows_nll(self.model, ids, ends, self.window, offset, base, self.stride + 1 if self._keep else 0)
         self.tail = context[-self.window :]
         return ends[-1] - offset, max(offset, 1), nll
 

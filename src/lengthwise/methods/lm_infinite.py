@@ -101,7 +101,8 @@ def resolve_middle(config: LMInfiniteConfig, pattern: LambdaPattern, num_layers:
     if config.middle_from_layer >= num_layers:
         raise ValueError(f"lm-infinite middle_from_layer ({config.middle_from_layer}) must be below the model's "
                          f"{num_layers} layers")
-    return config.middle(distance), range(config.middle_from_layer, min(config.middle_to_layer or num_layers, num_layers))
+    last = min(config.middle_to_layer or num_layers, num_layers)
+    return config.middle(distance), range(config.middle_from_layer, last)
 
 
 @register(

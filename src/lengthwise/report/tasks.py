@@ -52,7 +52,8 @@ PASSKEY_METRICS = {"accuracy": "passkey accuracy",
 
 def passkey_tables(records: list[dict]) -> str:
     blocks = []
-    for ((model, _), rows), metric in ((item, m) for item in group(records, "passkey").items() for m in PASSKEY_METRICS):
+    cells = [(item, metric) for item in group(records, "passkey").items() for metric in PASSKEY_METRICS]
+    for ((model, _), rows), metric in cells:
         totals = passkey_accuracy(rows, metric)
         if not totals:
             continue

@@ -61,3 +61,32 @@ def test_methods_page_matches_registry():
     page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     assert page.rstrip("\n") == registry_markdown().rstrip("\n"), "run: lengthwise methods --markdown > docs/methods.md"
     assert all(f"## `{name}`" in page for name in method_names())
+
+
+def test_every_option_of_every_method_has_help():
+    """Each config field carries its help in its metadata; the CLI and docs/methods.md read it from there."""
+    import dataclasses
+
+    from lengthwise.registry import option_help
+    from lengthwise.temp_lora import TempLoraConfig
+
+    configs = {name: get_method(name).config_cls for name in method_names()} | {"temp-lora": TempLoraConfig}
+    missing = [f"{name}.{f.name}" for name, cls in configs.items() for f in dataclasses.fields(cls)
+               if not option_help(f).strip()]
+    assert not missing, f"options without help: {', '.join(missing)}"
+
+
+def test_cli_shows_a_methods_options_with_defaults_and_help():
+    import dataclasses
+
+    from lengthwise.registry import option_help
+
+    result = CliRunner().invoke(app, ["methods", "yarn"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for f in dataclasses.fields(get_method("yarn").config_cls):
+        row = next(line for line in lines if f"│ {f.name} " in line)
+        assert repr(f.default) in row and option_help(f) in row, row
+    assert "role rope" in result.output and "0.1 ln s + 1" in result.output
+    unknown = CliRunner().invoke(app, ["methods", "yarn", "bogus"])
+    assert unknown.exit_code != 0 and "unknown method 'bogus'" in unknown.output

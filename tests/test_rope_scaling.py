@@ -298,3 +298,17 @@ def test_rerotate_mode_fixes_the_first_layer_and_shrinks_the_gap():
     with api.patch(model, "dynamic-ntk:on_change=rebuild"):
         rebuilt = _cached_vs_scratch(model, random_ids(6), steps=8)
     assert rebuilt < 1e-5 < rerotated
+
+
+def test_one_table_row_per_rope_method():
+    """Every rope-role method is one row of the table (config, plan, export), and the registry serves that config."""
+    from lengthwise.registry import method_names
+    from lengthwise.rope.table import ROPE_METHODS
+
+    assert sorted(ROPE_METHODS) == sorted(n for n in method_names() if get_method(n).role == "rope")
+    for name, row in ROPE_METHODS.items():
+        assert get_method(name).config_cls is row.config
+    # the patch and the export read LongRoPE's factors in one place: a wrong count is refused by both
+    model = tiny_model("llama")  # head_dim 16 -> 8 frequencies
+    with pytest.raises(ValueError, match="this model needs rotary_dim/2 = 8"):
+        to_rope_parameters("longrope", LongRopeConfig(long_factors=(1.0, 2.0)), model)

@@ -4,6 +4,9 @@ A method is a typed config dataclass plus `apply(model, config) -> Undo`. Regist
 
     @register("yarn", YarnConfig, role="rope", summary="...", paper="arXiv 2309.00071")
     def apply_yarn(model, config: YarnConfig) -> Undo: ...
+
+Every field of a config carries its help text in its metadata (`option(default, "help")`), so the CLI and
+docs/methods.md describe each option from the same place the code reads it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,20 @@ class MethodSpec:
         return self.config_cls(**kwargs)
 
 
+def option(default: Any, help: str) -> Any:  # noqa: A002 - the name the CLI and docs show
+    """A config dataclass field with its help text: `factor: float = option(4.0, "s: positions read as p / s")`."""
+    return field(default=default, metadata={"help": help})
+
+
+def option_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def option_rows(config_cls: type) -> list[tuple[str, str, str]]:
+    """(name, default, help) of every option of a config dataclass, in field order."""
+    return [(f.name, _default_text(f), option_help(f)) for f in dataclasses.fields(config_cls)]
+
+
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
@@ -87,7 +104,8 @@ def registry_markdown() -> str:
     lines = ["# Methods", "", "Generated from the registry by `lengthwise methods --markdown > docs/methods.md`; "
              "a test fails when this page and the registry disagree.", "",
              "Use any of them as `lengthwise.patch(model, \"name\", option=value)` or on the command line as "
-             "`-m name:option=value`; stack methods of different roles with `+` (e.g. `yarn:factor=8+lm-infinite`).", ""]
+             "`-m name:option=value`; stack methods of different roles with `+` "
+             "(e.g. `yarn:factor=8+lm-infinite`).", ""]
     for name in method_names():
         spec = _REGISTRY[name]
         lines += [f"## `{name}`", "", spec.summary, "",
@@ -95,9 +113,19 @@ def registry_markdown() -> str:
                   f"- paper: {spec.paper or '-'}"]
         if spec.composable_with:
             lines.append(f"- composes with roles: {', '.join(spec.composable_with)}")
-        options = [f"`{f.name}`={_default_text(f)}" for f in dataclasses.fields(spec.config_cls)]
-        lines += [f"- options: {', '.join(options) or '(none)'}", ""]
+        rows = option_rows(spec.config_cls)
+        if not rows:
+            lines += ["- options: (none)", ""]
+            continue
+        lines += ["", "| option | default | description |", "|---|---|---|"]
+        lines += [f"| `{option_name}` | `{default}` | {_cell(text)} |" for option_name, default, text in rows]
+        lines.append("")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _default_text(f: dataclasses.Field) -> str:

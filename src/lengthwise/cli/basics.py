@@ -1,4 +1,4 @@
-"""`lengthwise methods`, `lengthwise models`, `lengthwise ppl`, `lengthwise demo`."""
+"""`lengthwise models`, `lengthwise ppl`, `lengthwise demo`."""
 
 from __future__ import annotations
 
@@ -13,21 +13,6 @@ from lengthwise.cli.app import METHODS_HELP, app, check_methods, check_methods_f
 from lengthwise.cli.outputs import check_out_file, check_results
 
 console = Console()
-
-
-@app.command("methods")
-def list_methods(markdown: bool = typer.Option(False, help="print the Markdown page docs/methods.md instead")) -> None:
-    """List the registered methods (the same registry the API and docs read)."""
-    from lengthwise.registry import get_method, method_names, registry_markdown  # noqa: PLC0415
-
-    if markdown:
-        print(registry_markdown())
-        return
-    table = Table("method", "role", "paper", "what it does")
-    for name in method_names():
-        spec = get_method(name)
-        table.add_row(name, spec.role, spec.paper, spec.summary)
-    console.print(table)
 
 
 @app.command("models")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lengthwise.patching import Undo
-from lengthwise.registry import register
+from lengthwise.registry import option, register
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ def apply_vanilla(model, config: VanillaConfig) -> Undo:
 
 @dataclass(frozen=True)
 class SlidingWindowConfig:
-    window: int | None = None  # tokens of context per scored token; default: the training length
-    stride: int | None = None  # tokens scored per window; default window // 8
+    window: int | None = option(None, "tokens of context per scored token; default: the training length")
+    stride: int | None = option(None, "tokens scored per window; default: window // 8")
 
     def __post_init__(self) -> None:
         for name in ("window", "stride"):

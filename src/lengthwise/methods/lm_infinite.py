@@ -9,9 +9,11 @@ from lengthwise.attention.middle import MiddleRetrieval
 from lengthwise.attention.pattern import LambdaPattern
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
-from lengthwise.registry import register
+from lengthwise.registry import option, register
 
 KERNELS = ("blocked", "eager", "flex")
+IMPL_HELP = "'blocked' (O(n) fast path), 'eager' (dense reference, for tests) or 'flex' (FlexAttention)"
+BLOCK_HELP = "query rows per block of the fast path"
 
 
 def check_positive(method: str, name: str, value, allow_zero: bool = False) -> None:
@@ -29,21 +31,27 @@ def check_kernel(method: str, impl: str, block) -> None:
 
 @dataclass(frozen=True)
 class LMInfiniteConfig:
-    n_global: int = 10  # first tokens every query sees
-    n_local: int | None = None  # last tokens every query sees (itself included); default: the training length
-    distance_limit: int | None = None  # largest distance a global token appears at; default: the training length
-    impl: str = "blocked"  # "blocked" (O(n) fast path) | "eager" (dense reference, tests only) | "flex" (FlexAttention)
-    block: int = 256  # query rows per block of the fast path
-    # Attention to the middle (lengthwise.attention.middle); 0 and 0: plain Λ, bounded cache.
-    top_k: int = 0  # middle tokens each query and head adds (official code: --top_k_attention)
-    top_blocks: int = 0  # or: middle blocks each query group and head adds (InfLLM-like block retrieval)
-    retrieval_block: int = 128  # positions per middle block
-    representatives: int = 4  # bounding boxes scored per block
-    query_group: int = 64  # queries (by position // query_group) sharing one block selection
-    middle_distance: int | None = None  # distance middle keys are scored at (official: --top_k_insert_at); n_local
-    middle_from_layer: int = 0  # first layer that attends to the middle (official: --top_k_from_layer)
-    middle_to_layer: int | None = None  # one past the last such layer (official: --top_k_to_layer); all
-    middle_queries: str = "all"  # "all" | "last" (official: the last query of each forward call only)
+    n_global: int = option(10, "first tokens every query sees")
+    n_local: int | None = option(None, "last tokens every query sees (itself included); default: the training "
+                                 "length")
+    distance_limit: int | None = option(None, "largest distance a global token appears at; default: the training "
+                                        "length")
+    impl: str = option("blocked", IMPL_HELP)
+    block: int = option(256, BLOCK_HELP)
+    # Attention to the middle (lengthwise.attention.middle); top_k = top_blocks = 0: plain Λ, bounded cache.
+    top_k: int = option(0, "middle tokens each query and head adds (official code: --top_k_attention); 0: none")
+    top_blocks: int = option(0, "or: middle blocks each query group and head adds (InfLLM-like block retrieval); "
+                             "0: none")
+    retrieval_block: int = option(128, "positions per middle block (top_blocks)")
+    representatives: int = option(4, "bounding boxes scored per middle block (top_blocks)")
+    query_group: int = option(64, "queries (by position // query_group) sharing one block selection (top_blocks)")
+    middle_distance: int | None = option(None, "distance middle keys are scored at (official: --top_k_insert_at); "
+                                         "default: n_local")
+    middle_from_layer: int = option(0, "first layer that attends to the middle (official: --top_k_from_layer)")
+    middle_to_layer: int | None = option(None, "one past the last layer that attends to the middle (official: "
+                                         "--top_k_to_layer); default: all")
+    middle_queries: str = option("all", "'all' queries, or only the 'last' of each forward call (as the official "
+                                 "code) attend to the middle")
 
     def __post_init__(self) -> None:
         check_positive("lm-infinite", "n_global", self.n_global, allow_zero=True)

@@ -19,14 +19,14 @@ import torch.nn as nn
 
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
-from lengthwise.registry import register
+from lengthwise.registry import option, register
 from lengthwise.rope.scaling import logn_scale
 
 
 @dataclass(frozen=True)
 class LognConfig:
-    # L in log(p+1)/log(L); default: the model's training length
-    original_max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = option(None, "L in log(p+1)/log(L); default: the model's "
+                                                           "training length")
 
     def __post_init__(self) -> None:
         length = self.original_max_position_embeddings

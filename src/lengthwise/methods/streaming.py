@@ -12,18 +12,19 @@ from dataclasses import dataclass
 
 from lengthwise.attention.install import install_lambda
 from lengthwise.attention.pattern import LambdaPattern
-from lengthwise.methods.lm_infinite import check_kernel, check_positive
+from lengthwise.methods.lm_infinite import BLOCK_HELP, IMPL_HELP, check_kernel, check_positive
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
-from lengthwise.registry import register
+from lengthwise.registry import option, register
 
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    n_sink: int = 4  # attention-sink tokens kept at the start of the cache
-    window: int | None = None  # recent tokens kept (itself included); default: training length - n_sink
-    impl: str = "blocked"
-    block: int = 256
+    n_sink: int = option(4, "attention-sink tokens kept at the start of the cache")
+    window: int | None = option(None, "recent tokens kept (the query itself included); default: training length "
+                                "- n_sink")
+    impl: str = option("blocked", IMPL_HELP)
+    block: int = option(256, BLOCK_HELP)
 
     def __post_init__(self) -> None:
         check_positive("streaming", "n_sink", self.n_sink, allow_zero=True)

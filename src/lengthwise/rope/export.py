@@ -8,13 +8,22 @@ What transformers cannot express raises a ValueError saying why: `n_hat > 0` (no
 frequencies. `dynamic-ntk` exports as transformers' "dynamic" type, which agrees on a fresh forward pass but keeps
 the largest base it has seen and does not re-rotate cached keys (ours does both correctly). `longrope` without
 short factors exports with short_factor = long_factor (never switching).
+
+One export function per method, `(config, ExportTarget) -> entries to set`; the method table
+(`lengthwise.rope.table`) pairs each with its config and plan.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
+from lengthwise.rope.scaling import RopeGeometry, ntk_base
+
 _CARRIED = ("rope_theta", "partial_rotary_factor")  # base settings kept from the model's own rope_parameters
+# methods of other roles that users may still try to export, and why they cannot be
+NOT_EXPRESSIBLE = {"logn": "transformers has no log-n query scaling; logn cannot be written as rope_parameters"}
 
 
 def base_rope_parameters(model_config) -> dict[str, Any]:
@@ -26,64 +35,85 @@ def base_rope_parameters(model_config) -> dict[str, Any]:
     return params
 
 
+@dataclass(frozen=True)
+class ExportTarget:
+    """The model an export is written for: the model (or its config), its unscaled rope settings, and L."""
+
+    model_or_config: Any
+    params: dict[str, Any]  # base_rope_parameters of the model
+    length: int  # L: the config's original_max_position_embeddings, else the model's training length
+
+    @property
+    def model_config(self) -> Any:
+        return getattr(self.model_or_config, "config", self.model_or_config)
+
+    @property
+    def rotary_dim(self) -> int:
+        # read only by the exports that need it: a model without a rotary module can still export e.g. linear
+        if hasattr(self.model_or_config, "config"):
+            from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+
+            return rotary_layout(self.model_or_config).rotary_dim
+        config = self.model_or_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return int(head_dim * self.params.get("partial_rotary_factor", 1.0))
+
+
+def linear_parameters(config: LinearConfig, target: ExportTarget) -> dict[str, Any]:
+    return {"rope_type": "linear", "factor": float(config.factor)}
+
+
+def ntk_parameters(config: NtkConfig, target: ExportTarget) -> dict[str, Any]:
+    g = RopeGeometry(target.rotary_dim, target.params["rope_theta"], target.length)
+    return {"rope_theta": ntk_base(g, config.factor)}
+
+
+def dynamic_ntk_parameters(config: DynamicNtkConfig, target: ExportTarget) -> dict[str, Any]:
+    if target.length != getattr(target.model_config, "max_position_embeddings", target.length):
+        raise ValueError(
+            "transformers' dynamic rope reads L from max_position_embeddings; cannot export a different "
+            f"original_max_position_embeddings ({target.length})"
+        )
+    return {"rope_type": "dynamic", "factor": float(config.factor)}
+
+
+def yarn_parameters(config: YarnConfig, target: ExportTarget) -> dict[str, Any]:
+    params = {"rope_type": "yarn", "factor": float(config.factor), "original_max_position_embeddings": target.length,
+              "beta_fast": float(config.beta_fast), "beta_slow": float(config.beta_slow), "truncate": config.truncate}
+    if config.attention_factor is not None:
+        params["attention_factor"] = float(config.attention_factor)
+    return params
+
+
+def llama3_parameters(config: Llama3Config, target: ExportTarget) -> dict[str, Any]:
+    return {"rope_type": "llama3", "factor": float(config.factor), "original_max_position_embeddings": target.length,
+            "low_freq_factor": float(config.low_freq_factor), "high_freq_factor": float(config.high_freq_factor)}
+
+
+def longrope_parameters(config: LongRopeConfig, target: ExportTarget) -> dict[str, Any]:
+    long, short = config.factor_sets(target.rotary_dim)
+    long = list(long)
+    return {"rope_type": "longrope", "long_factor": long, "short_factor": list(short) if short is not None else long,
+            "factor": float(config.scale), "original_max_position_embeddings": target.length,
+            "attention_factor": config.attention(target.length)}
+
+
 def to_rope_parameters(method: str, config: Any, model_or_config: Any) -> dict[str, Any]:
     """`rope_parameters` for `method` with `config` (its dataclass) on a model (or its config)."""
     from lengthwise.models.families import _pretrain_length  # noqa: PLC0415
+    from lengthwise.rope.table import ROPE_METHODS  # noqa: PLC0415 - the table imports this module
 
     model_config = getattr(model_or_config, "config", model_or_config)
     params = base_rope_parameters(model_config)
-    if method == "logn":
-        raise ValueError("transformers has no log-n query scaling; logn cannot be written as rope_parameters")
+    if method in NOT_EXPRESSIBLE:
+        raise ValueError(NOT_EXPRESSIBLE[method])
     if getattr(config, "n_hat", 0):
         raise ValueError(
             f"transformers has no start-token rule (n_hat={config.n_hat}); {method} with n_hat > 0 cannot be written "
             f"as rope_parameters (use n_hat=0, or keep the lengthwise patch)"
         )
+    if method not in ROPE_METHODS:
+        raise ValueError(f"no rope_parameters export for {method!r}; accepted: {', '.join(ROPE_METHODS)}")
     length = getattr(config, "original_max_position_embeddings", None) or _pretrain_length(model_config)
-    if method == "linear":
-        params.update(rope_type="linear", factor=float(config.factor))
-    elif method == "ntk":
-        from lengthwise.rope.scaling import RopeGeometry, ntk_base  # noqa: PLC0415
-
-        rotary_dim = _rotary_dim(model_or_config, params)
-        params["rope_theta"] = ntk_base(RopeGeometry(rotary_dim, params["rope_theta"], length), config.factor)
-    elif method == "dynamic-ntk":
-        if length != getattr(model_config, "max_position_embeddings", length):
-            raise ValueError(
-                "transformers' dynamic rope reads L from max_position_embeddings; cannot export a different "
-                f"original_max_position_embeddings ({length})"
-            )
-        params.update(rope_type="dynamic", factor=float(config.factor))
-    elif method == "yarn":
-        params.update(rope_type="yarn", factor=float(config.factor), original_max_position_embeddings=length,
-                      beta_fast=float(config.beta_fast), beta_slow=float(config.beta_slow), truncate=config.truncate)
-        if config.attention_factor is not None:
-            params["attention_factor"] = float(config.attention_factor)
-    elif method == "llama3":
-        params.update(rope_type="llama3", factor=float(config.factor), original_max_position_embeddings=length,
-                      low_freq_factor=float(config.low_freq_factor), high_freq_factor=float(config.high_freq_factor))
-    elif method == "longrope":
-        from lengthwise.rope.scaling import longrope_attention_factor  # noqa: PLC0415
-
-        half = _rotary_dim(model_or_config, params) // 2
-        long = list(config.long_factors) if config.long_factors is not None else [config.scale] * half
-        short = list(config.short_factors) if config.short_factors is not None else long
-        attention = (float(config.attention_factor) if config.attention_factor is not None
-                     else longrope_attention_factor(config.scale, length))
-        params.update(rope_type="longrope", long_factor=long, short_factor=short, factor=float(config.scale),
-                      original_max_position_embeddings=length, attention_factor=attention)
-    else:
-        raise ValueError(
-            f"no rope_parameters export for {method!r}; accepted: linear, ntk, dynamic-ntk, yarn, llama3, longrope"
-        )
+    params.update(ROPE_METHODS[method].export(config, ExportTarget(model_or_config, params, length)))
     return params
-
-
-def _rotary_dim(model_or_config: Any, params: dict[str, Any]) -> int:
-    if hasattr(model_or_config, "config"):
-        from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
-
-        return rotary_layout(model_or_config).rotary_dim
-    config = model_or_config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim * params.get("partial_rotary_factor", 1.0))

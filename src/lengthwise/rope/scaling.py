@@ -38,9 +38,15 @@ def _exponents(rotary_dim: int) -> torch.Tensor:
     return torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
 
 
+def base_powers(rotary_dim: int, base: float) -> torch.Tensor:
+    """1 / theta_i = b^(2i/d); shape (d/2,), float32. YaRN and LongRoPE divide by it (not multiply by theta_i),
+    as transformers does, so their values round the same way."""
+    return base ** _exponents(rotary_dim)
+
+
 def base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    """theta_i = b^(-2i/d); shape (d/2,), float32."""
-    return 1.0 / (base ** _exponents(rotary_dim))
+    """theta_i = b^(-2i/d); shape (d/2,), float32. The one definition of the unscaled frequencies."""
+    return 1.0 / base_powers(rotary_dim, base)
 
 
 def linear_inv_freq(g: RopeGeometry, factor: float) -> tuple[torch.Tensor, float]:
@@ -74,7 +80,8 @@ def yarn_correction_dim(num_rotations: float, rotary_dim: int, base: float, leng
     return rotary_dim * math.log(length / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
-def yarn_correction_range(g: RopeGeometry, beta_fast: float, beta_slow: float, truncate: bool = True) -> tuple[float, float]:
+def yarn_correction_range(g: RopeGeometry, beta_fast: float, beta_slow: float,
+                          truncate: bool = True) -> tuple[float, float]:
     """(low, high) dim indices: below `low` dims extrapolate (keep theta), above `high` they interpolate (theta/s)."""
     low = yarn_correction_dim(beta_fast, g.rotary_dim, g.base, g.pretrain_length)
     high = yarn_correction_dim(beta_slow, g.rotary_dim, g.base, g.pretrain_length)
@@ -98,7 +105,7 @@ def yarn_attention_factor(factor: float) -> float:
 def yarn_inv_freq(g: RopeGeometry, factor: float, beta_fast: float = 32.0, beta_slow: float = 1.0,
                   attention_factor: float | None = None, truncate: bool = True) -> tuple[torch.Tensor, float]:
     """theta'_i = (theta_i / s) * ramp_i + theta_i * (1 - ramp_i); attention factor 0.1 ln s + 1 unless given."""
-    pos_freqs = g.base ** _exponents(g.rotary_dim)  # 1/theta_i, (d/2,)
+    pos_freqs = base_powers(g.rotary_dim, g.base)  # 1/theta_i, (d/2,)
     extrapolation = 1.0 / pos_freqs
     interpolation = 1.0 / (factor * pos_freqs)
     low, high = yarn_correction_range(g, beta_fast, beta_slow, truncate)
@@ -148,10 +155,9 @@ def longrope_geometry_inv_freq(g: RopeGeometry, factors) -> torch.Tensor:
     """LongRoPE frequencies from the geometry, computed exactly as transformers: 1 / (lambda_i * b^(2i/d))."""
     lam = torch.as_tensor(factors, dtype=torch.float32)
     if lam.shape != (g.rotary_dim // 2,):
-        raise ValueError(
-            f"LongRoPE needs one factor per rotary frequency: expected {g.rotary_dim // 2} (rotary_dim/2), got {lam.numel()}"
-        )
-    return 1.0 / (lam * g.base ** _exponents(g.rotary_dim))
+        raise ValueError(f"LongRoPE needs one factor per rotary frequency: expected {g.rotary_dim // 2} "
+                         f"(rotary_dim/2), got {lam.numel()}")
+    return 1.0 / (lam * base_powers(g.rotary_dim, g.base))
 
 
 def logn_scale(positions: torch.Tensor, pretrain_length: int) -> torch.Tensor:

@@ -4,32 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lengthwise.registry import option
+
 
 @dataclass(frozen=True)
 class TempLoraConfig:
-    """How a session reads, trains and generates.
+    """How a session reads, trains and generates (each field's help says what it sets)."""
 
-    window: tokens the model attends to at once (KV cache capacity). chunk_size: tokens scored (or generated)
-    between two LoRA updates; the paper's key parameter. keep: context tokens kept (and re-encoded under the
-    current LoRA) when the window overflows; default `window - chunk_size`, i.e. every scored token sees at
-    least `window - chunk_size` earlier tokens. reuse_cache: keep KV states computed under older LoRA weights
-    until the window overflows (the paper's cache reuse); False re-encodes the cached window after every update.
-    steps_per_chunk: optimizer steps on each chunk (0: no training, the same-window baseline).
-    target_modules: "all-linear" (every linear layer except the output head), or a tuple of module-name suffixes.
-    """
-
-    chunk_size: int = 64
-    window: int = 256
-    keep: int | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: str | tuple[str, ...] = "all-linear"
-    lr: float = 2e-3
-    steps_per_chunk: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    reuse_cache: bool = True
-    seed: int = 0
+    chunk_size: int = option(64, "tokens scored (or generated) between two LoRA updates; the paper's key parameter")
+    window: int = option(256, "tokens the model attends to at once (KV cache capacity)")
+    keep: int | None = option(None, "context tokens kept (and re-encoded under the current LoRA) when the window "
+                              "overflows; default: window - chunk_size, so every scored token sees at least that many "
+                              "earlier tokens")
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    target_modules: str | tuple[str, ...] = option("all-linear", "'all-linear' (every linear layer except the output "
+                                                   "head), or a tuple of module-name suffixes")
+    lr: float = option(2e-3, "learning rate of the AdamW optimizer on the LoRA weights")
+    steps_per_chunk: int = option(1, "optimizer steps on each chunk (0: no training, the same-window baseline)")
+    weight_decay: float = option(0.0, "AdamW weight decay on the LoRA weights")
+    max_grad_norm: float | None = option(1.0, "gradient-norm clip per step; None: no clipping")
+    reuse_cache: bool = option(True, "keep KV states computed under older LoRA weights until the window overflows "
+                               "(the paper's cache reuse); false re-encodes the cached window after every update")
+    seed: int = option(0, "seed of the LoRA initialisation")
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "window", "rank"):
@@ -41,9 +38,10 @@ class TempLoraConfig:
                 f"temp-lora chunk_size ({self.chunk_size}) must not exceed window ({self.window}): a chunk is "
                 "scored and trained inside one window; accepted: 1 <= chunk_size <= window"
             )
-        if self.keep is not None and (not isinstance(self.keep, int) or not 0 <= self.keep <= self.window - self.chunk_size):
+        room = self.window - self.chunk_size
+        if self.keep is not None and (not isinstance(self.keep, int) or not 0 <= self.keep <= room):
             raise ValueError(
-                f"temp-lora keep must be an integer in [0, window - chunk_size] = [0, {self.window - self.chunk_size}] "
+                f"temp-lora keep must be an integer in [0, window - chunk_size] = [0, {room}] "
                 f"(room must remain for a chunk after an overflow), got {self.keep!r}"
             )
         if not isinstance(self.steps_per_chunk, int) or self.steps_per_chunk < 0:

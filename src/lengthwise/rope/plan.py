@@ -1,0 +1,96 @@
+"""Frequency plans: what a RoPE rescaling method does to the rotary frequencies, independent of how it is patched in.
+
+A plan function takes a method's config and the model's geometry and returns a `FrequencyPlan`, built from the pure
+maths of `lengthwise.rope.scaling`. Static plans hold one frequency set; dynamic-ntk's follows the current length,
+and longrope with short factors switches at L. Nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lengthwise.rope import scaling
+from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
+from lengthwise.rope.scaling import RopeGeometry
+
+
+@dataclass(frozen=True)
+class FrequencyPlan:
+    """`scaled(seq_len) -> (inv_freq (d/2,), attention factor)`; `regime(seq_len)` names the frequency set in use (it
+    changes exactly when `scaled` does); positions < `n_hat` keep `original`.
+    """
+
+    original: torch.Tensor  # (d/2,) float32
+    scaled: Callable[[int], tuple[torch.Tensor, float]]
+    regime: Callable[[int], Any] = lambda seq_len: 0
+    n_hat: int = 0
+    length_dependent: bool = False
+
+    @property
+    def static(self) -> bool:
+        return not self.length_dependent and self.n_hat == 0
+
+    def angles(self, positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, float]:
+        """positions (B, T) -> angles (B, T, d/2) float32 (as the rotary module computes them), attention factor."""
+        inv_freq, factor = self.scaled(seq_len)
+        pos = positions[..., None].float()  # (B, T, 1)
+        angles = pos * inv_freq.to(positions.device)
+        if self.n_hat:
+            original = pos * self.original.to(positions.device)
+            angles = torch.where(pos < self.n_hat, original, angles)
+        return angles, factor
+
+
+def _original(g: RopeGeometry) -> torch.Tensor:
+    return scaling.base_inv_freq(g.rotary_dim, g.base)
+
+
+def static_plan(g: RopeGeometry, result: tuple[torch.Tensor, float], n_hat: int) -> FrequencyPlan:
+    """One frequency set at every length (`result` = (inv_freq, attention factor))."""
+    inv_freq, factor = result
+    return FrequencyPlan(_original(g), lambda seq_len: (inv_freq, factor), n_hat=n_hat)
+
+
+def linear_plan(config: LinearConfig, g: RopeGeometry) -> FrequencyPlan:
+    return static_plan(g, scaling.linear_inv_freq(g, config.factor), config.n_hat)
+
+
+def ntk_plan(config: NtkConfig, g: RopeGeometry) -> FrequencyPlan:
+    return static_plan(g, scaling.ntk_inv_freq(g, config.factor), config.n_hat)
+
+
+def yarn_plan(config: YarnConfig, g: RopeGeometry) -> FrequencyPlan:
+    result = scaling.yarn_inv_freq(g, config.factor, config.beta_fast, config.beta_slow, config.attention_factor,
+                                   config.truncate)
+    return static_plan(g, result, config.n_hat)
+
+
+def llama3_plan(config: Llama3Config, g: RopeGeometry) -> FrequencyPlan:
+    result = scaling.llama3_inv_freq(g, config.factor, config.low_freq_factor, config.high_freq_factor)
+    return static_plan(g, result, config.n_hat)
+
+
+def dynamic_ntk_plan(config: DynamicNtkConfig, g: RopeGeometry) -> FrequencyPlan:
+    def scaled(seq_len: int) -> tuple[torch.Tensor, float]:
+        return scaling.dynamic_ntk_inv_freq(g, config.factor, seq_len)
+
+    # the base is the same for every length up to L, so those lengths share one regime
+    return FrequencyPlan(_original(g), scaled, lambda seq_len: max(seq_len, g.pretrain_length), config.n_hat, True)
+
+
+def longrope_plan(config: LongRopeConfig, g: RopeGeometry) -> FrequencyPlan:
+    long, short = config.factor_sets(g.rotary_dim)
+    factor = config.attention(g.pretrain_length)
+    long_freq = scaling.longrope_geometry_inv_freq(g, long)
+    if short is None:
+        return FrequencyPlan(_original(g), lambda seq_len: (long_freq, factor), n_hat=config.n_hat)
+    short_freq = scaling.longrope_geometry_inv_freq(g, short)
+
+    def switched(seq_len: int) -> tuple[torch.Tensor, float]:
+        return (long_freq if seq_len > g.pretrain_length else short_freq), factor
+
+    return FrequencyPlan(_original(g), switched, lambda seq_len: seq_len > g.pretrain_length, config.n_hat, True)

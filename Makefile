@@ -30,7 +30,7 @@ test: $(STAMP)
 
 # The slow tier also checks the Ray backend on a local Ray instance, so it installs the `ray` extra.
 test-slow: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray]"
 	$(BIN)/python -m pytest -q -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 # The default tier once per boundary release of the supported transformers range, each in a fresh venv (.compat/).

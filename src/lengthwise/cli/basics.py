@@ -11,6 +11,7 @@ from rich.table import Table
 
 from lengthwise.cli.app import METHODS_HELP, app, check_methods, check_methods_fit, parse_int_list
 from lengthwise.cli.outputs import check_out_file, check_results
+from lengthwise.cli.tasks import RayOption, ThreadsOption, WorkersOption, cell_pool
 
 console = Console()
 
@@ -60,10 +61,16 @@ def ppl_command(
     ] = None,
     stop_after_chunks: Annotated[int | None, typer.Option(
         min=1, hidden=True, help="streaming mode: checkpoint and stop after this many chunks (tests)")] = None,
+    ray: RayOption = None,
+    workers: WorkersOption = 2,
+    threads: ThreadsOption = 0,
 ) -> None:
     """Perplexity by length for one or more methods: table, JSON lines, NLL-by-position plot. With --stream-tokens:
     perplexity of one long stream through each method's bounded cache, NLL by position bucket, resumable."""
     if stream_tokens is not None:
+        if ray:
+            raise typer.BadParameter("--ray runs cells of lengths and methods; the streaming mode (--stream-tokens) "
+                                     "is one stream per method: run it without --ray")
         _ppl_stream(model, data, method, chunk_size, out, plot, quiet, stream_tokens, buckets, bucket_scale,
                     checkpoint_every, stop_after_chunks)
         return
@@ -80,10 +87,11 @@ def ppl_command(
     check_results(out, "ppl")
     check_out_file(plot, "--plot")
     documents = load_corpus(data)
+    pool = cell_pool(ray, workers, threads, model)
     lm, tokenizer = load_model(model)
     records = perplexity(lm, tokenizer, documents, length_list, method, max_docs=max_docs,
                          chunk_size=chunk_size or None, results=ResultsFile(out), model_name=model,
-                         data_name=data, progress=not quiet)
+                         data_name=data, progress=not quiet, pool=pool)
     console.print(ppl_table(records, markdown=False))
     skipped = {r["length"]: r["metrics"]["skipped"] for r in records}
     if any(skipped.values()):

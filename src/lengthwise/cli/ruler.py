@@ -9,7 +9,8 @@ from rich.console import Console
 
 from lengthwise.cli.app import app, check_methods_fit
 from lengthwise.cli.outputs import check_out_file, check_results
-from lengthwise.cli.tasks import SCALED_HELP, _checked, _parse_numbers
+from lengthwise.cli.tasks import (SCALED_HELP, RayOption, ThreadsOption, WorkersOption, _checked, _parse_numbers,
+                                  cell_pool)
 
 console = Console()
 
@@ -28,6 +29,9 @@ def ruler_command(
     out: Path = typer.Option(Path("results/ruler.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
     plot: Path = typer.Option(None, help="PNG heat-map of recall by task and length (default: next to --out)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    ray: RayOption = None,
+    workers: WorkersOption = 2,
+    threads: ThreadsOption = 0,
 ) -> None:
     """RULER-style tasks (needle variants, variable tracking, common words): recall by (method, task, length)."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -49,10 +53,11 @@ def ruler_command(
         from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
 
         text = " ".join(doc.text for doc in _checked(load_corpus, haystack))
+    pool = cell_pool(ray, workers, threads, model)
     lm, tokenizer = load_model(model)
     records = ruler(lm, tokenizer, task_list, length_list, depth_list, method, samples=samples, seed=seed,
                     haystack=text, haystack_name=haystack, results=ResultsFile(out), model_name=model,
-                    progress=not quiet)
+                    progress=not quiet, pool=pool)
     console.print(ruler_tables(records))
     plot = plot or out.with_suffix(".png")
     plot_ruler_heatmap(records, plot)

@@ -7,6 +7,7 @@ runs. Results are JSON lines in the one schema (eval/results.py), appended; fini
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +19,33 @@ console = Console()
 
 SCALED_HELP = METHODS_HELP + ". `{s}` in a spec becomes length / training length (e.g. 'yarn:factor={s}')"
 MEMORY_HELP = "memory this run may use, GiB (default: 80% of what is available now); checked before the model runs"
+
+
+RAY_HELP = ("run the cells on Ray: 'local' starts a Ray instance here, or a cluster address ('auto', "
+            "'ray://host:10001'); one model load per worker, results as a serial run's (pip install 'lengthwise[ray]')")
+RayOption = Annotated[str | None, typer.Option("--ray", help=RAY_HELP)]
+WorkersOption = Annotated[int, typer.Option(min=1, help="with --ray: workers, each one model copy and one CPU")]
+ThreadsOption = Annotated[int, typer.Option(
+    min=0, help="torch threads (of each Ray worker with --ray; 0: torch's default, or 1 on Ray); records are "
+    "identical between runs with equal threads")]
+
+
+def cell_pool(ray: str | None, workers: int, threads: int, model: str, dtype: str | None = None):
+    """The Ray pool `--ray` asks for (None: run here, with `threads` torch threads if given); checked before the
+    model loads."""
+    if threads and not ray:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(threads)
+    if not ray:
+        return None
+    from lengthwise.eval.cells import RayPool, ray_available  # noqa: PLC0415
+
+    if not ray_available():
+        raise typer.BadParameter("--ray needs Ray: pip install 'lengthwise[ray]' (omit --ray to run the cells here)")
+    if Path(model).exists():  # workers may start elsewhere: give them the absolute path
+        model = str(Path(model).resolve())
+    return RayPool(model, workers=workers, address=ray, threads=threads or 1, dtype=dtype)
 
 
 def _parse_numbers(text: str, what: str, cast=int) -> list:
@@ -53,6 +81,9 @@ def passkey_command(
     out: Path = typer.Option(Path("results/passkey.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
     plot: Path = typer.Option(None, help="PNG heat-map of accuracy by depth and length (default: next to --out)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    ray: RayOption = None,
+    workers: WorkersOption = 2,
+    threads: ThreadsOption = 0,
 ) -> None:
     """Passkey retrieval accuracy by (method, length, depth): table, JSON lines, heat-map."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -67,10 +98,11 @@ def passkey_command(
     check_methods_fit(model, method)
     check_results(out, "passkey")
     check_out_file(plot, "--plot")
+    pool = cell_pool(ray, workers, threads, model)
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), logits=8)
     records = passkey(lm, tokenizer, length_list, depth_list, method, trials=trials, seed=seed,
-                      results=ResultsFile(out), model_name=model, progress=not quiet)
+                      results=ResultsFile(out), model_name=model, progress=not quiet, pool=pool)
     _print_tables(records)
     plot = plot or out.with_suffix(".png")
     plot_passkey_heatmap(records, plot)

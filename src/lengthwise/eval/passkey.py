@@ -20,17 +20,18 @@ import copy
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from lengthwise.api import patch
 from lengthwise.data.passkey import PasskeyPrompt, make_passkey_prompt, random_key
+from lengthwise.eval.cells import Cell, RayPool, run_cells
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, is_scoring, resolve_spec
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
-from lengthwise.progress import progress_bar
 from lengthwise.registry import get_method, parse_method_spec
 
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
@@ -119,6 +120,17 @@ def score(predicted: Sequence[int], answer: Sequence[int]) -> tuple[bool, float]
     return right == len(answer), right / len(answer)
 
 
+@dataclass(frozen=True)
+class PasskeyCell:
+    method: str  # the spec as asked (`{s}` kept): the record's `method`
+    length: int
+    depth: float  # percent
+    trials: int
+    seed: int
+    model_name: str
+    key: str
+
+
 def passkey(
     model,
     tokenizer,
@@ -131,67 +143,69 @@ def passkey(
     results: ResultsFile | None = None,
     model_name: str = "model",
     progress: bool = True,
+    pool: RayPool | None = None,
 ) -> list[dict]:
     """Passkey accuracy for every (method, length, depth) cell: `trials` prompts each, keys fixed by the seed.
 
     `methods` are spec strings; `{s}` in a spec becomes length / L_pretrain. Depths are percentages (0..100).
-    Cells already in `results` are skipped and their stored records returned.
+    Cells already in `results` are skipped and their stored records returned. `pool`: run the cells on Ray workers.
     """
     check_specs(methods)
     check_lengths(lengths, MIN_PROMPT_TOKENS, "passkey length")
     check_depths(depths)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    make_passkey_prompt(tokenizer, min(lengths), 0.0, trial_key(seed, 0, 0, 0))  # too short for this tokenizer: fail now
-    results = results or ResultsFile(None)
+    # too short for this tokenizer: fail now
+    make_passkey_prompt(tokenizer, min(lengths), 0.0, trial_key(seed, 0, 0, 0))
+    pretrain = model_info(model).pretrain_length
+    cells = []
+    for n in lengths:  # short lengths first, every method
+        for method in methods:
+            for depth in depths:
+                key = cell_key("passkey", model=model_name, method=method, length=n, depth=depth, trials=trials,
+                               seed=seed)
+                label = f"passkey {resolve_spec(method, n, pretrain)} @ {n}, depth {depth:g}%"
+                cells.append(Cell(key, label, trials, PasskeyCell(method, n, depth, trials, seed, model_name, key)))
+    return run_cells("passkey", cells, passkey_cell, results or ResultsFile(None), model=model, tokenizer=tokenizer,
+                     pool=pool, progress=progress)
+
+
+def passkey_cell(model, tokenizer, cell: PasskeyCell, advance) -> dict:
+    """The record of one (method, length, depth) cell: its `trials` prompts scored under the method."""
     info = model_info(model)
-    cells = [(m, n, d) for n in lengths for m in methods for d in depths]  # short lengths first, every method
-    records = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("passkey", total=len(cells) * trials)
-        for method, n, depth in cells:
-            key = cell_key("passkey", model=model_name, method=method, length=n, depth=depth, trials=trials, seed=seed)
-            done = results.done(key)
-            if done:
-                records.append(done)
-                bar.advance(task, trials)
-                continue
-            spec = resolve_spec(method, n, info.pretrain_length)
-            bar.update(task, description=f"passkey {spec} @ {n}, depth {depth:g}%")
-            prompts = [make_passkey_prompt(tokenizer, n, depth / 100, trial_key(seed, n, depth, t))
-                       for t in range(trials)]
-            correct, found, token_acc, predictions, generated = 0, 0, 0.0, [], []
-            if is_scoring(spec):
-                name, options = parse_method_spec(spec)[0]
-                config = get_method(name).make_config(**options)
-                window = config.window or info.pretrain_length
-                method_config = [{"method": name, "window": window}]
-                handle = None
-            else:
-                window, handle = None, patch(model, spec)
-                method_config = handle.describe()
-            try:
-                for prompt in prompts:
-                    cache = None if window else own_cache(model, handle)
-                    greedy_tokens = len(prompt.answer_ids) + EXTRA_TOKENS
-                    predicted, greedy = predict_answer(model, prompt, window, cache, greedy_tokens)
-                    exact, fraction = score(predicted, prompt.answer_ids)
-                    correct += exact
-                    token_acc += fraction
-                    predictions.append(tokenizer.decode(predicted).strip())
-                    generated.append(tokenizer.decode(greedy))
-                    found += first_integer(generated[-1]) == prompt.key
-                    bar.advance(task)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            metrics = {"accuracy": round(correct / trials, 4), "correct": correct, "trials": trials,
-                       "token_accuracy": round(token_acc / trials, 4), "found_accuracy": round(found / trials, 4)}
-            record = make_record("passkey", key, model=model_name, method=method, method_config=method_config,
-                                 data="passkey", seed=seed, metrics=metrics, length=n, depth=depth,
-                                 method_resolved=spec, pretrain_length=info.pretrain_length,
-                                 keys=[p.key for p in prompts], predictions=predictions,
-                                 generated=generated)
-            results.append(record)
-            records.append(record)
-    return records
+    n, depth = cell.length, cell.depth
+    spec = resolve_spec(cell.method, n, info.pretrain_length)
+    prompts = [make_passkey_prompt(tokenizer, n, depth / 100, trial_key(cell.seed, n, depth, t))
+               for t in range(cell.trials)]
+    correct, found, token_acc, predictions, generated = 0, 0, 0.0, [], []
+    if is_scoring(spec):
+        name, options = parse_method_spec(spec)[0]
+        config = get_method(name).make_config(**options)
+        window = config.window or info.pretrain_length
+        method_config = [{"method": name, "window": window}]
+        handle = None
+    else:
+        window, handle = None, patch(model, spec)
+        method_config = handle.describe()
+    try:
+        for prompt in prompts:
+            cache = None if window else own_cache(model, handle)
+            greedy_tokens = len(prompt.answer_ids) + EXTRA_TOKENS
+            predicted, greedy = predict_answer(model, prompt, window, cache, greedy_tokens)
+            exact, fraction = score(predicted, prompt.answer_ids)
+            correct += exact
+            token_acc += fraction
+            predictions.append(tokenizer.decode(predicted).strip())
+            generated.append(tokenizer.decode(greedy))
+            found += first_integer(generated[-1]) == prompt.key
+            advance(1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    trials = cell.trials
+    metrics = {"accuracy": round(correct / trials, 4), "correct": correct, "trials": trials,
+               "token_accuracy": round(token_acc / trials, 4), "found_accuracy": round(found / trials, 4)}
+    return make_record("passkey", cell.key, model=cell.model_name, method=cell.method, method_config=method_config,
+                       data="passkey", seed=cell.seed, metrics=metrics, length=n, depth=depth, method_resolved=spec,
+                       pretrain_length=info.pretrain_length, keys=[p.key for p in prompts], predictions=predictions,
+                       generated=generated)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from lengthwise.api import patch
 from lengthwise.data.corpus import Document, documents_of_length
+from lengthwise.eval.cells import Cell, RayPool, run_cells
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.models.families import model_info
-from lengthwise.progress import progress_bar
 from lengthwise.registry import get_method, parse_method_spec
 from lengthwise.models.compat import cache_kwargs
 
@@ -98,16 +98,17 @@ def bucketize(nll_sum: torch.Tensor, count: int, num_buckets: int = NUM_BUCKETS)
     return {"edges": [e + 1 for e in edges], "mean_nll": [round(v, 5) for v in values]}
 
 
-@dataclass
-class PerplexityCell:
+@dataclass(frozen=True)
+class PplCell:
     method: str
     length: int
-    ppl: float
-    nll: float
-    tokens: int
-    docs: int
-    skipped: int
-    buckets: dict
+    docs: tuple[tuple[int, ...], ...]  # token ids of each document truncated to `length`
+    skipped: int  # documents shorter than `length`
+    chunk_size: int | None
+    model_name: str
+    data_name: str
+    seed: int
+    key: str
 
 
 def perplexity(
@@ -124,15 +125,13 @@ def perplexity(
     data_name: str = "data",
     seed: int = 0,
     progress: bool = True,
+    pool: RayPool | None = None,
 ) -> list[dict]:
     """PPL for every (method, length) cell; returns (and appends to `results`) one record per cell.
 
     `methods` are spec strings (`"vanilla"`, `"sliding-window:stride=16"`, `"yarn:factor=4+lm-infinite"`).
-    Cells already in `results` are skipped and their stored records returned.
+    Cells already in `results` are skipped and their stored records returned. `pool`: run the cells on Ray.
     """
-    results = results or ResultsFile(None)
-    info = model_info(model)
-    records = []
     tokenized = {n: documents_of_length(documents, tokenizer, n, max_docs) for n in lengths}
     for n, tok in tokenized.items():
         if not tok.docs:
@@ -140,52 +139,53 @@ def perplexity(
                 f"no document of {data_name!r} has {n} tokens ({tok.skipped} shorter ones skipped); "
                 "use shorter lengths or longer documents"
             )
-    cells = [(m, n) for m in methods for n in lengths]
-    with progress_bar(progress) as bar:
-        task = bar.add_task("perplexity", total=sum(len(tokenized[n].docs) for _, n in cells))
-        for method, n in cells:
+    cells = []
+    for method in methods:
+        for n in lengths:
             key = cell_key("ppl", model=model_name, method=method, data=data_name, length=n, docs=max_docs,
                            chunk=chunk_size or 0, seed=seed)
-            done = results.done(key)
-            if done:
-                records.append(done)
-                bar.advance(task, len(tokenized[n].docs))
-                continue
-            bar.update(task, description=f"ppl {method} @ {n}")
-            nll_sum, count, total, tokens, handle = torch.zeros(n - 1), 0, 0.0, 0, None
-            parts = parse_method_spec(method)
-            scoring = get_method(parts[0][0]).role == "scoring"
-            try:
-                if scoring:
-                    sw = get_method(parts[0][0]).make_config(**parts[0][1])
-                    window = sw.window or info.pretrain_length
-                    stride = sw.stride or max(1, window // 8)
-                    method_config = [{"method": parts[0][0], **asdict(sw), "window": window, "stride": stride}]
-                else:
-                    handle = patch(model, method)
-                    method_config = handle.describe()
-                for _, ids in tokenized[n].docs:
-                    ids = torch.tensor(ids)
-                    if scoring:
-                        nll = nll_sliding_window(model, ids, window, stride)
-                    else:
-                        cache = handle.new_cache() if chunk_size else None
-                        nll = nll_one_pass(model, ids, chunk_size, cache)
-                    nll_sum += nll
-                    count += 1
-                    total += nll.sum().item()
-                    tokens += len(nll)
-                    bar.advance(task)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            mean = total / tokens
-            metrics = {"ppl": round(math.exp(mean), 4), "nll": round(mean, 5), "tokens": tokens, "docs": count,
-                       "skipped": tokenized[n].skipped}
-            record = make_record("ppl", key, model=model_name, method=method, method_config=method_config,
-                                 data=data_name, seed=seed, metrics=metrics, length=n,
-                                 pretrain_length=info.pretrain_length, chunk_size=chunk_size,
-                                 nll_by_position=bucketize(nll_sum, count))
-            results.append(record)
-            records.append(record)
-    return records
+            docs = tuple(tuple(ids) for _, ids in tokenized[n].docs)
+            args = PplCell(method, n, docs, tokenized[n].skipped, chunk_size, model_name, data_name, seed, key)
+            cells.append(Cell(key, f"ppl {method} @ {n}", len(docs), args))
+    return run_cells("perplexity", cells, ppl_cell, results or ResultsFile(None), model=model, tokenizer=tokenizer,
+                     pool=pool, progress=progress)
+
+
+def ppl_cell(model, tokenizer, cell: PplCell, advance) -> dict:
+    """The record of one (method, length) cell: every document scored in one pass (or chunked, or by windows)."""
+    info = model_info(model)
+    n, method = cell.length, cell.method
+    nll_sum, count, total, tokens, handle = torch.zeros(n - 1), 0, 0.0, 0, None
+    parts = parse_method_spec(method)
+    scoring = get_method(parts[0][0]).role == "scoring"
+    try:
+        if scoring:
+            sw = get_method(parts[0][0]).make_config(**parts[0][1])
+            window = sw.window or info.pretrain_length
+            stride = sw.stride or max(1, window // 8)
+            method_config = [{"method": parts[0][0], **asdict(sw), "window": window, "stride": stride}]
+        else:
+            handle = patch(model, method)
+            method_config = handle.describe()
+        for ids in cell.docs:
+            ids = torch.tensor(ids)
+            if scoring:
+                nll = nll_sliding_window(model, ids, window, stride)
+            else:
+                cache = handle.new_cache() if cell.chunk_size else None
+                nll = nll_one_pass(model, ids, cell.chunk_size, cache)
+            nll_sum += nll
+            count += 1
+            total += nll.sum().item()
+            tokens += len(nll)
+            advance(1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    mean = total / tokens
+    metrics = {"ppl": round(math.exp(mean), 4), "nll": round(mean, 5), "tokens": tokens, "docs": count,
+               "skipped": cell.skipped}
+    return make_record("ppl", cell.key, model=cell.model_name, method=method, method_config=method_config,
+                       data=cell.data_name, seed=cell.seed, metrics=metrics, length=n,
+                       pretrain_length=info.pretrain_length, chunk_size=cell.chunk_size,
+                       nll_by_position=bucketize(nll_sum, count))

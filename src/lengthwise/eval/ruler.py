@@ -8,16 +8,17 @@ prompt where it has one) and records the mean recall. Cells already in the resul
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lengthwise.data.ruler import TASKS, make_ruler_sample, recall
 from lengthwise.eval.passkey import check_depths
+from lengthwise.eval.cells import Cell, RayPool, run_cells
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, resolve_spec
 from lengthwise.generation import generate
 from lengthwise.models.families import model_info
-from lengthwise.progress import progress_bar
 
 NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "niah_multiquery": 64,
               "variable_tracking": 40, "common_words": 40}
@@ -44,11 +45,25 @@ def encode_prompt(tokenizer, prompt: str, answer_prefix: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+@dataclass(frozen=True)
+class RulerCell:
+    method: str  # the spec as asked (`{s}` kept)
+    task: str
+    length: int
+    depth: float  # percent
+    samples: int
+    seed: int
+    haystack: str | None  # the haystack text (None: the passkey filler); a few MB at most, shipped with the cell
+    haystack_name: str
+    model_name: str
+    key: str
+
+
 def ruler(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float] = (50,),
           methods: Sequence[str] = ("vanilla",), *, samples: int = 3, seed: int = 0, haystack: str | None = None,
           haystack_name: str = "filler", results: ResultsFile | None = None, model_name: str = "model",
-          progress: bool = True) -> list[dict]:
-    """Mean recall per (method, task, length, depth) cell; depths in percent."""
+          progress: bool = True, pool: RayPool | None = None) -> list[dict]:
+    """Mean recall per (method, task, length, depth) cell; depths in percent. `pool`: run the cells on Ray."""
     check_specs(methods)
     check_tasks(tasks)
     check_lengths(lengths, MIN_LENGTH, "RULER length")
@@ -57,35 +72,37 @@ def ruler(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths
         raise ValueError(f"samples must be >= 1, got {samples}")
     for task in tasks:  # too short for this tokenizer: fail now, not after hours of other cells
         make_ruler_sample(tokenizer, task, min(lengths), 0.5, seed, haystack)
-    results = results or ResultsFile(None)
-    info = model_info(model)
-    eos = tokenizer.eos_token_id
-    cells = [(m, t, n, d) for n in lengths for t in tasks for m in methods for d in depths]
-    records = []
-    with progress_bar(progress) as bar:
-        job = bar.add_task("ruler", total=len(cells) * samples)
-        for method, task, n, depth in cells:
-            key = cell_key("ruler", model=model_name, method=method, ruler_task=task, length=n, depth=depth,
-                           samples=samples, seed=seed, haystack=haystack_name)
-            if (done := results.done(key)):
-                records.append(done)
-                bar.advance(job, samples)
-                continue
-            spec = resolve_spec(method, n + NEW_TOKENS[task], info.pretrain_length)
-            bar.update(job, description=f"ruler {task} {spec} @ {n}, depth {depth:g}%")
-            scores, outputs = [], []
-            for sample in range(samples):
-                item = make_ruler_sample(tokenizer, task, n, depth / 100, seed + sample, haystack)
-                ids = torch.tensor([encode_prompt(tokenizer, item.prompt, item.answer_prefix)])
-                new = generate(model, ids, spec, NEW_TOKENS[task], eos_token_id=eos)
-                output = tokenizer.decode(new, skip_special_tokens=True)
-                scores.append(recall(output, item.expected))
-                outputs.append(output)
-                bar.advance(job)
-            metrics = {"recall": round(sum(scores) / samples, 4), "samples": samples}
-            record = make_record("ruler", key, model=model_name, method=method, method_config=[{"method": spec}],
-                                 data=haystack_name, seed=seed, metrics=metrics, length=n, depth=depth, ruler_task=task,
-                                 method_resolved=spec, pretrain_length=info.pretrain_length, outputs=outputs)
-            results.append(record)
-            records.append(record)
-    return records
+    pretrain = model_info(model).pretrain_length
+    cells = []
+    for n in lengths:
+        for task in tasks:
+            for method in methods:
+                for depth in depths:
+                    key = cell_key("ruler", model=model_name, method=method, ruler_task=task, length=n, depth=depth,
+                                   samples=samples, seed=seed, haystack=haystack_name)
+                    spec = resolve_spec(method, n + NEW_TOKENS[task], pretrain)
+                    label = f"ruler {task} {spec} @ {n}, depth {depth:g}%"
+                    args = RulerCell(method, task, n, depth, samples, seed, haystack, haystack_name, model_name, key)
+                    cells.append(Cell(key, label, samples, args))
+    return run_cells("ruler", cells, ruler_cell, results or ResultsFile(None), model=model, tokenizer=tokenizer,
+                     pool=pool, progress=progress)
+
+
+def ruler_cell(model, tokenizer, cell: RulerCell, advance) -> dict:
+    """The record of one cell: `samples` prompts answered greedily under the method, mean recall."""
+    pretrain = model_info(model).pretrain_length
+    n, task = cell.length, cell.task
+    spec = resolve_spec(cell.method, n + NEW_TOKENS[task], pretrain)
+    scores, outputs = [], []
+    for sample in range(cell.samples):
+        item = make_ruler_sample(tokenizer, task, n, cell.depth / 100, cell.seed + sample, cell.haystack)
+        ids = torch.tensor([encode_prompt(tokenizer, item.prompt, item.answer_prefix)])
+        new = generate(model, ids, spec, NEW_TOKENS[task], eos_token_id=tokenizer.eos_token_id)
+        output = tokenizer.decode(new, skip_special_tokens=True)
+        scores.append(recall(output, item.expected))
+        outputs.append(output)
+        advance(1)
+    metrics = {"recall": round(sum(scores) / cell.samples, 4), "samples": cell.samples}
+    return make_record("ruler", cell.key, model=cell.model_name, method=cell.method, method_config=[{"method": spec}],
+                       data=cell.haystack_name, seed=cell.seed, metrics=metrics, length=n, depth=cell.depth,
+                       ruler_task=task, method_resolved=spec, pretrain_length=pretrain, outputs=outputs)

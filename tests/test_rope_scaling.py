@@ -148,6 +148,31 @@ def test_exported_rope_parameters_rebuild_the_patched_model(name, options, famil
         torch.testing.assert_close(ours, native(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt_neox"])
+def test_static_plans_replace_the_rotary_module_and_remove_puts_the_original_back(family):
+    model = tiny_model(family, length=32)
+    owner = model.model if hasattr(model, "model") else model.gpt_neox
+    original = owner.rotary_emb
+    inv_freq = original.inv_freq.clone()
+    with api.patch(model, "yarn:factor=4"):
+        built = owner.rotary_emb
+        assert built is not original and built.rope_type == "yarn"  # transformers' own yarn, from rope_parameters
+        assert torch.equal(original.inv_freq, inv_freq)  # the live module was not written into
+    assert owner.rotary_emb is original
+
+
+def test_a_rotary_module_that_disagrees_with_the_plan_is_refused(monkeypatch):
+    from lengthwise.rope import table  # noqa: PLC0415
+
+    row = table.ROPE_METHODS["linear"]
+    wrong = lambda config, target: {"rope_type": "linear", "factor": float(config.factor) * 2}  # noqa: E731
+    monkeypatch.setitem(table.ROPE_METHODS, "linear", table.RopeMethod(**{**row.__dict__, "export": wrong}))
+    model = tiny_model("llama", length=32)
+    with pytest.raises(PatchNotInForce, match="computes other frequencies than lengthwise's plan"):
+        api.patch(model, "linear:factor=4")
+    assert model.model.rotary_emb.rope_type == "default"  # nothing left patched
+
+
 def test_export_refuses_what_transformers_cannot_express():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="no start-token rule"):

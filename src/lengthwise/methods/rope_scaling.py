@@ -4,8 +4,9 @@ Each method is a row of `lengthwise.rope.table` (config, plan function, rope_par
 (`lengthwise.rope.plan`: sequence length -> inverse frequencies and attention factor, plus `n_hat`) is pure. Here one
 patch applies any plan to the model's shared rotary module:
 
-- static plans (fixed frequencies, n_hat = 0) swap the module's `inv_freq` buffer and `attention_scaling`
-  (`Undo.setattr` restores them exactly), so the model computes exactly what transformers would for that config;
+- static plans (fixed frequencies, n_hat = 0) replace the rotary module by one transformers builds from the
+  method's `rope_parameters` export (checked to compute the plan's frequencies; `Undo.setattr` puts the original
+  module back), so the model computes exactly what transformers computes for that config;
 - position-dependent plans (n_hat > 0: positions < n_hat keep the original frequencies; dynamic-ntk: frequencies
   follow the current length; longrope with short factors: short/long switch) replace the module's forward.
   When the frequencies change while a KV cache holds keys rotated under the old ones, `CacheSync`
@@ -20,11 +21,12 @@ from typing import Any
 import torch
 
 from lengthwise.methods.rope_cache import CacheRecord, CacheSync, rerotate_cache
-from lengthwise.models.compat import PatchNotInForce, cache_from_kwargs
+from lengthwise.models.compat import PatchNotInForce, cache_from_kwargs, rotary_from_rope_parameters
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
 from lengthwise.registry import register
 from lengthwise.rope import scaling
+from lengthwise.rope.export import to_rope_parameters
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.rope.plan import FrequencyPlan
 from lengthwise.rope.rotation import RotaryLayout, rotary_layout
@@ -86,21 +88,39 @@ def _parent_of(model, child) -> torch.nn.Module:
     raise ValueError("rotary module not found in the model")
 
 
-def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on_change: str = "rebuild") -> Undo:
+def check_same_frequencies(model, built, plan: FrequencyPlan, method: str, rope_parameters: dict) -> None:
+    """Raise unless transformers' rotary module built from `rope_parameters` computes the plan's frequencies and
+    attention factor (to float32 rounding): the export and the maths must describe one thing."""
+    inv_freq, factor = plan.scaled(0)
+    ours, theirs = inv_freq.double(), built.inv_freq.double().cpu()
+    gap = float(((theirs - ours).abs() / ours.abs()).max()) if ours.shape == theirs.shape else float("inf")
+    factor_gap = abs(float(built.attention_scaling) - factor) / abs(factor)
+    if gap > 1e-6 or factor_gap > 1e-6:
+        raise PatchNotInForce(method, model.config.model_type, f"transformers' rotary module built from "
+                              f"rope_parameters {rope_parameters} computes other frequencies than lengthwise's plan "
+                              f"(largest relative difference {gap:.2e}, attention factor {factor_gap:.2e})")
+
+
+def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on_change: str = "rebuild",
+               rope_parameters: dict | None = None) -> Undo:
     """Patch `plan` into the model's rotary module; see the module docstring.
+
+    Static plans need `rope_parameters` (the method's export): the live rotary module is replaced by one built
+    from them, checked to compute the plan's frequencies.
 
     on_change (length-dependent plans, when the frequencies change while a KV cache holds entries): "rebuild" or
     "rerotate", see `CacheSync`.
     """
     undo = Undo()
     rotary = layout.rotary_module
-    device = rotary.inv_freq.device
-    undo.setattr(rotary, "rope_type", "default")  # keep transformers' own dynamic/longrope updates out of the way
     if plan.static:
-        inv_freq, factor = plan.scaled(0)
-        undo.setattr(rotary, "inv_freq", inv_freq.to(device, rotary.inv_freq.dtype))
-        undo.setattr(rotary, "attention_scaling", factor)
+        if rope_parameters is None:
+            raise ValueError(f"{method!r}: a static plan is patched in as rope_parameters; none given")
+        built = rotary_from_rope_parameters(rotary, rope_parameters)
+        check_same_frequencies(model, built, plan, method, rope_parameters)
+        undo.setattr(layout.owner, layout.slot, built)
         return undo
+    undo.setattr(rotary, "rope_type", "default")  # keep transformers' own dynamic/longrope updates out of the way
 
     # marks the rotary module for attention methods patched after this one (Λ attention re-rotates keys with a
     # single frequency set, so it must refuse per-position or length-dependent plans at patch time)
@@ -154,7 +174,8 @@ def _apply(row: RopeMethod):
         plan = row.plan(config, model_geometry(model, layout, config.original_max_position_embeddings))
         if not plan.static:
             require_standard_attention(model, row.name, "with per-position or length-dependent frequencies")
-        return apply_plan(model, plan, row.name, layout, getattr(config, "on_change", "rebuild"))
+        rope_parameters = to_rope_parameters(row.name, config, model) if plan.static else None
+        return apply_plan(model, plan, row.name, layout, getattr(config, "on_change", "rebuild"), rope_parameters)
 
     apply.__name__ = f"apply_{row.name.replace('-', '_')}"
     return apply

@@ -14,6 +14,9 @@ both ends). The differences handled here, each found by feature detection rather
   Bloom and MPT (attention not yet on `AttentionInterface`) refuse it, and for them the config's internal
   `_attn_implementation_internal` is written (it only routes their mask creation to our O(n) padding mask).
 - cache layers: `generate()` asks `is_croppable` (5.24) before assisted decoding; bounded layers say False.
+- static RoPE rescaling: a new rotary module of the model's own class, built from a copy of its config with
+  `rope_parameters` set (transformers computes the frequencies), replaces the live one; nothing is written into
+  the live module. Its constructor takes `config=` in every supported release.
 
 `PatchNotInForce` is the error every run-time check raises when a patch finds it is not doing what it promised.
 """
@@ -121,3 +124,14 @@ def switch_attn_implementation(model, name: str, undo) -> None:
             configs[id(config)] = config
     for config in configs.values():  # Bloom, MPT: no public switch; only their mask creation reads it
         undo.setattr(config, "_attn_implementation_internal", name)
+
+
+def rotary_from_rope_parameters(rotary, rope_parameters: dict[str, Any]):
+    """A rotary module of `rotary`'s class, on its device and dtype, built from its config with `rope_parameters`
+    instead of its own (the config is copied; the model's is untouched)."""
+    import copy  # noqa: PLC0415
+
+    config = copy.copy(rotary.config)
+    config.rope_parameters = dict(rope_parameters)
+    built = type(rotary)(config=config)
+    return built.to(device=rotary.inv_freq.device, dtype=rotary.inv_freq.dtype)

@@ -21,11 +21,17 @@ from lengthwise.rope.scaling import base_inv_freq
 
 @dataclass(frozen=True)
 class RotaryLayout:
-    rotary_module: nn.Module | None  # module holding `inv_freq` (None for GPT-J, which keeps a sin/cos table)
+    owner: nn.Module | None  # the module whose attribute `slot` is the rotary module (None for GPT-J: sin/cos table)
+    slot: str
     rotary_dim: int  # rotated dimensions per head
     head_dim: int
     style: str  # "half" | "interleaved"
     base: float  # rope theta
+
+    @property
+    def rotary_module(self) -> nn.Module | None:
+        """The rotary module the model runs now: looked up at each call, since a static RoPE plan swaps it."""
+        return getattr(self.owner, self.slot) if self.owner is not None else None
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -56,11 +62,12 @@ def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half") -> torch.
     return torch.cat([rotated, x_pass], dim=-1) if x_pass.shape[-1] else rotated
 
 
-def find_rotary_module(model: nn.Module) -> nn.Module | None:
-    """The model's shared rotary-embedding module (the one with `inv_freq`), or None."""
+def find_rotary_slot(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """(owner, attribute name) of the model's shared rotary-embedding module (the one with `inv_freq`), or None."""
     for name, module in model.named_modules():
         if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
-            return module
+            owner_name, _, slot = name.rpartition(".")
+            return model.get_submodule(owner_name), slot
     return None
 
 
@@ -68,14 +75,17 @@ def rotary_layout(model: nn.Module) -> RotaryLayout:
     config = model.config
     if config.model_type == "gptj":
         head_dim = config.n_embd // config.n_head
-        return RotaryLayout(None, config.rotary_dim or head_dim, head_dim, "interleaved", 10000.0)
-    module = find_rotary_module(model)
-    if module is None:
+        return RotaryLayout(None, "", config.rotary_dim or head_dim, head_dim, "interleaved", 10000.0)
+    found = find_rotary_slot(model)
+    if found is None:
         raise ValueError(f"model type {config.model_type!r} has no rotary embedding module (not a RoPE model?)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_parameters = getattr(config, "rope_parameters", None) or {}
+    owner, slot = found
+    module = getattr(owner, slot)
     return RotaryLayout(
-        rotary_module=module,
+        owner=owner,
+        slot=slot,
         rotary_dim=2 * module.inv_freq.shape[-1],
         head_dim=head_dim,
         style="half",

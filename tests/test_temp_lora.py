@@ -1,5 +1,7 @@
 """Temp-LoRA session: order (score, then train), window/cache policy, eager reference, clean removal."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,6 +121,40 @@ def test_lora_learns_text_that_no_longer_fits_the_window():
         nll_lora = session.process(ids)
     assert nll_lora[:8].tolist() == nll_base[:8].tolist()
     assert nll_lora[-24:].mean() < 0.5 * nll_base[-24:].mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_trains_finite_and_comes_back_bit_identical(dtype):
+    """A Temp-LoRA session on a bf16 (or fp16) model: the LoRA and its AdamW state are float32, every step's loss
+    and every logit (scoring, re-encoding, training, generating) is finite, the LoRA still learns the repeated
+    passage, and the base weights are bit-identical after the session. fp16 with a half-precision LoRA gave NaN
+    from the second step on (AdamW's eps and second moment underflow to 0)."""
+    model = tiny_model("llama", length=16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)  # confident logits: large gradients, the case that overflows
+    model = model.to(dtype)
+    ids = random_ids(24, seed=3)[0].repeat(4)
+    with torch.no_grad():
+        logits = model(ids[None]).logits
+    snapshot = _snapshot(model)
+    finite = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: finite.append(bool(torch.isfinite(out).all())))
+    try:
+        with TempLoraSession(model, TempLoraConfig(chunk_size=8, window=16, lr=2e-2, steps_per_chunk=2)) as session:
+            nll = session.process(ids)
+            session.generate(16)
+            assert {p.dtype for p in session.params} == {torch.float32}
+            moments = [v for state in session.optimizer.state.values() for v in state.values() if v.dim() > 0]
+            assert moments and {v.dtype for v in moments} == {torch.float32}
+            losses = session.losses
+    finally:
+        hook.remove()
+    assert len(losses) == 2 * (12 + 2) and all(math.isfinite(loss) for loss in losses)  # 95 + 16 tokens: 14 chunks
+    assert len(finite) > 2 * len(losses) and all(finite)
+    assert torch.isfinite(nll).all() and nll[-24:].mean() < 0.75 * nll[:24].mean()
+    assert all(p.dtype == dtype for p in model.parameters())
+    _assert_restored(model, snapshot, ids[None], logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "bloom"])

@@ -87,8 +87,24 @@ def attach_lora(model: nn.Module, config: TempLoraConfig) -> tuple[Undo, list[nn
             module.to(device)
             for pname, param in module.named_parameters():
                 if "lora_" in pname:
-                    params.append(param)
+                    params.append(_as_float32(param))
     return undo, params
+
+
+def _as_float32(param: nn.Parameter) -> nn.Parameter:
+    """Keep a LoRA weight in float32 whatever the base model's dtype (peft gives it the base layer's).
+
+    Why: AdamW's state takes its parameter's dtype, and its steps are at most about lr (2e-3 by default). In
+    bfloat16 (8 significant bits) a step below 2e-3 on a weight of 0.5 or more rounds away, and smaller weights
+    move in coarse quanta. In float16 (1 - beta2) * grad**2 underflows to 0 for gradients below ~5e-3 and eps = 1e-8
+    rounds to 0 too, so the step divides by zero: the LoRA is NaN from its second step (tested). The adapter is small
+    (rank x width per layer), so float32 costs little; peft's own `autocast_adapter_dtype` makes the same choice.
+    peft casts the layer input to the adapter's dtype and the adapter's output back to the base layer's, so the
+    half-precision base weights are neither copied nor changed.
+    """
+    if param.dtype in (torch.float16, torch.bfloat16):
+        param.data = param.data.float()
+    return param
 
 
 def lora_modules(model: nn.Module) -> list[str]:

@@ -13,6 +13,9 @@ never sees a position >= `window`.
 When the session ends (context manager exit or `close()`), the LoRA is removed: the base model's weights are
 bit-identical to before and no LoRA module remains. An optional long-context method (`method="yarn:factor=4"`)
 is applied to the base model for the window itself and removed too.
+
+Half precision: on a bfloat16 or float16 base the LoRA weights, their gradients and AdamW's state are float32
+(`adapter._as_float32` says why); the base weights stay as they are and are never written.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class TempLoraSession:
             self._close_patches()
             raise
         model.eval()  # no dropout: scoring and training see the same function
+        # the LoRA weights are float32 on a half-precision base (adapter._as_float32), so this state is float32 too
         self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.losses: list[float] = []  # every optimizer step's loss, in order: a diverging session shows here
         self.cost = model_cost(model)
         self.meter = CostMeter()
         self.ids: list[int] = []  # every token read or generated so far
@@ -154,6 +159,7 @@ class TempLoraSession:
                     torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
                 self.optimizer.step()
                 losses.append(loss.item())
+        self.losses += losses
         self.meter.train_tokens += ids.shape[1] * self.config.steps_per_chunk
         self.meter.train_pairs += causal_pairs(ids.shape[1], 0) * self.config.steps_per_chunk
         self.meter.train_steps += self.config.steps_per_chunk

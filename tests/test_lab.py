@@ -326,6 +326,61 @@ def test_train_resumes_to_the_same_weights(tmp_path, monkeypatch):
         lab_train.train(other, tmp_path / "b", tokenizer=tokenizer, log=lambda m: None)
 
 
+def test_train_takes_over_what_a_killed_run_left(tmp_path, monkeypatch):
+    """What a SIGKILL leaves in a model folder neither blocks nor changes the rerun: a checkpoint, a lock of a dead
+    process or an empty one (killed between creating and writing it), temporary files of cut-short writes, a
+    checkpoint still beside a finished model. The resumed weights are bit-identical to an uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lengthwise.lab import train as lab_train
+
+    tokenizer = lab_train.default_tokenizer()
+    stream = torch.randint(0, len(tokenizer), (4000,), dtype=torch.int32)
+    monkeypatch.setattr(lab_train, "token_stream", lambda *a, **k: stream)
+    cfg = lab_train.TrainConfig(pe="rope", context=16, d_model=16, layers=1, heads=2, ffn=16, steps=4, batch=2,
+                                warmup=1, checkpoint_every=2)
+    straight = lab_train.train(cfg, tmp_path / "a", tokenizer=tokenizer, log=lambda m: None)
+    real_batch_at = lab_train.batch_at
+
+    def crash_at_3(stream, step, *args):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_batch_at(stream, step, *args)
+
+    monkeypatch.setattr(lab_train, "batch_at", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        lab_train.train(cfg, tmp_path / "b", tokenizer=tokenizer, log=lambda m: None)
+    monkeypatch.setattr(lab_train, "batch_at", real_batch_at)
+    killed = tmp_path / "b"
+    (killed / lab_train.LOCK).write_text("")  # SIGKILL leaves its lock; this one even before its pid was written
+    long_ago = time.time() - 2 * lab_train.LOCK_WRITE_SECONDS
+    os.utime(killed / lab_train.LOCK, (long_ago, long_ago))
+    (killed / ".checkpoint.pt.tmp").write_bytes(b"torn")
+    (killed / ".training.json.k1ll3d.tmp").write_text('{"config": {"pe"')
+    logs = []
+    resumed = lab_train.train(cfg, killed, tokenizer=tokenizer, log=logs.append)
+    assert any("resuming rope at step 2/4" in m for m in logs), logs
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(resumed / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in straight.iterdir())
+    lab_train.atomic_torch_save({"step": 2}, killed / "checkpoint.pt")  # killed after training.json, before this went
+    assert lab_train.train(cfg, killed, tokenizer=tokenizer, log=logs.append) == killed
+    assert "already trained" in logs[-1] and not (killed / "checkpoint.pt").exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    holders = {"": -1, "0": None, str(dead.pid): None, str(os.getppid()): os.getppid(), str(os.getpid()): None}
+    for text, owner in holders.items():  # a fresh empty lock: its writer is starting (-1), skip the folder
+        folder = tmp_path / f"lock-{text or 'empty'}"
+        folder.mkdir()
+        (folder / lab_train.LOCK).write_text(text)
+        assert lab_train._lock(folder) == owner, text  # 0 once read as "our own process group": always alive
+
+
 def test_cli_rejects_bad_input(tmp_path):
     from typer.testing import CliRunner
 

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,70 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     with pytest.raises(ValueError, match="belongs to another search"):
         load_checkpoint(path, {"what": "other"})
     assert load_checkpoint(tmp_path / "none.json", fingerprint) is None
+
+
+@pytest.fixture
+def one_thread():
+    # tiny matmuls on a shared 2-core machine: one thread is several times faster
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _log_and_files(folder):
+    """What a search leaves in its folder, wall time left out: the generation log, rows in order, and the files."""
+    rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]  # strict
+    files = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    for obj in [*rows, *(row for f in files.values() for row in f.get("state", {}).get("log", []))]:
+        obj.pop("seconds")
+    return rows, files, sorted(p.name for p in folder.iterdir())
+
+
+def test_a_resumed_search_logs_every_generation_once(one_thread, tmp_path, monkeypatch):
+    """A search killed in its long phase and run again (the CLI's out folder) logs every generation of both phases
+    once, as an uninterrupted run does; before the fix the rerun's generations.jsonl lost those before the kill.
+    A log one row behind its checkpoint (killed between the two writes) is completed, and a temporary file of a
+    write the kill cut short is removed."""
+    from lengthwise.data.corpus import Document
+    from lengthwise.search import longrope
+    from lengthwise.testing import tiny_model, tiny_tokenizer
+
+    rng = random.Random(0)
+    words = "the grass is green sky blue sun yellow pass key remember here we go there and back again".split()
+    docs = [Document("doc", " ".join(rng.choice(words) for _ in range(300)))]
+    model, tok = tiny_model("llama", length=32), tiny_tokenizer()
+    budget = EvolutionConfig(population=5, parents=3, mutations=2, crossovers=1, iterations=4)
+    kw = dict(scale=2.0, evolution=budget, max_docs=1, n_hat_choices=(0, 4), short_length=32,
+              short_evolution=EvolutionConfig(population=4, parents=2, mutations=1, crossovers=1, iterations=2))
+
+    def search(where, **extra):  # into WHERE/out, relative: factors.json names its own path, the same in both
+        (tmp_path / where).mkdir(exist_ok=True)
+        monkeypatch.chdir(tmp_path / where)
+        longrope(model, tok, docs, out_dir=Path("out"), **kw, **extra)
+        return tmp_path / where / "out"
+
+    expected = _log_and_files(search("whole"))
+    assert [(r["phase"], r["generation"]) for r in expected[0]] == [("long", g) for g in range(4)] + [
+        ("short", 0), ("short", 1)]
+
+    class Killed(Exception):
+        pass
+
+    def kill(phase, row):
+        if row["generation"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        search("killed", on_generation=kill)
+    killed = search("killed")
+    assert _log_and_files(killed) == expected
+    log = killed / "generations.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))  # the last row never written
+    (killed / ".checkpoint-short.json.k1ll3d.tmp").write_text('{"version": 1, "fing')
+    calls = []
+    search("killed", on_evaluation=lambda: calls.append(1))
+    assert calls == [] and _log_and_files(killed) == expected
 
 
 def test_progressive_rescale():

@@ -79,3 +79,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files the writers above leave when killed before their rename (`.NAME.tmp`,
+    `.NAME.XXXXXXXX.tmp`, in the target's folder): never read, but a half-written file all the same. Call it only on
+    a folder no other live process writes into (a command's own output folder, under its lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

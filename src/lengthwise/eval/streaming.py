@@ -30,7 +30,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,10 +38,11 @@ import torch
 from lengthwise.data.corpus import CORPUS_NAMES, shared_data_root, stdlib_files
 from lengthwise.eval.perplexity import _token_nll, windows_nll
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
-from lengthwise.io import atomic_torch_save, atomic_write_json
+from lengthwise.io import atomic_torch_save, atomic_write_json, remove_temp_files
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
+from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
 
 CHECKPOINT_VERSION = 1
@@ -396,12 +397,10 @@ class _SlidingWindowScorer:
     """The sliding-window baseline over the stream (as `nll_sliding_window`): keeps only the last `window` tokens."""
 
     def __init__(self, model, method: str, batch_size: int = 8) -> None:
-        parts = parse_method_spec(method)
-        config = get_method(parts[0][0]).make_config(**parts[0][1])
+        setting = resolve_sliding_window(method, model_info(model).pretrain_length)
         self.model, self.batch_size = model, batch_size
-        self.window = config.window or model_info(model).pretrain_length
-        self.stride = config.stride or max(1, self.window // 8)
-        self.method_config = [{"method": parts[0][0], **asdict(config), "window": self.window, "stride": self.stride}]
+        self.window, self.stride = setting.window, setting.stride
+        self.method_config = setting.describe()
         self.tail: list[int] = []  # the last `window` tokens before `offset`
         self.device = next(model.parameters()).device
         import inspect  # noqa: PLC0415
@@ -512,6 +511,8 @@ def streaming_perplexity(
         raise ValueError(f"chunk size must be a positive integer, got {chunk_size}")
     edges = bucket_edges(n_tokens, num_buckets, bucket_scale)
     key = stream_key(model_name, method, data_name, n_tokens, chunk_size, f"{bucket_scale}{num_buckets}", seed)
+    if checkpoint_dir:  # a kill during an atomic write leaves its temporary file: never read, but half-written
+        remove_temp_files(checkpoint_dir)
     done = results.done(key)
     if done:
         return done

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lengthwise.io import atomic_torch_save, atomic_write_json
+from lengthwise.io import atomic_torch_save, atomic_write_json, remove_temp_files
 from lengthwise.lab.encodings import encoding_config
 from lengthwise.lab.model import LAB_MARKER, LabConfig, LabModel, save_lab_model
 
@@ -110,10 +110,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 LOCK = "training.lock"
+LOCK_WRITE_SECONDS = 10.0  # a lock still without its pid after this long lost its writer between create and write
+
+
+def _lock_owner(path: Path) -> int | None:
+    """The pid of the live process (not this one) holding the lock at `path`; None when the lock is stale."""
+    import os  # noqa: PLC0415
+
+    try:
+        text = path.read_text().strip()
+        if not text:  # created, pid not written yet: its writer is starting now, or was killed in between
+            fresh = time.time() - path.stat().st_mtime < LOCK_WRITE_SECONDS
+            return -1 if fresh else None
+        pid = int(text)
+        if pid <= 0:  # os.kill(0, ...) would signal our own process group and always succeed
+            return None
+        os.kill(pid, 0)  # raises when that process is gone
+    except (ValueError, ProcessLookupError, FileNotFoundError):
+        return None
+    except PermissionError:  # alive, owned by another user
+        return pid
+    return None if pid == os.getpid() else pid
 
 
 def _lock(out: Path) -> int | None:
-    """Take `out/training.lock` for this process; returns the pid of another live process holding it, else None.
+    """Take `out/training.lock` for this process; returns the pid of another live process holding it (-1: one that
+    is just starting), else None. A lock left by a killed process is taken over.
 
     Lets several `lab train` processes share one list of encodings: each skips the folders another is training."""
     import os  # noqa: PLC0415
@@ -124,13 +146,9 @@ def _lock(out: Path) -> int | None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-                os.kill(pid, 0)  # raises when that process is gone
-                if pid != os.getpid():
-                    return pid
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                pass
+            owner = _lock_owner(path)
+            if owner is not None:
+                return owner
             path.unlink(missing_ok=True)  # stale lock of a dead process (or our own)
             continue
         with os.fdopen(fd, "w") as f:
@@ -144,17 +162,31 @@ def train(cfg: TrainConfig, out: str | Path, tokenizer=None, cache_dir: str | Pa
     """Train (or resume) into `out`; returns the saved model folder. A finished folder is returned untouched, and
     a folder that another live process is training is skipped (returned as is)."""
     out = Path(out)
-    if (out / LAB_MARKER).exists() and (out / "training.json").exists():
+    if _finished(out):
         log(f"{out} is already trained; skipping")
         return out
     owner = _lock(out)
     if owner is not None:
-        log(f"{out} is being trained by process {owner}; skipping")
+        who = "a process that is starting" if owner < 0 else f"process {owner}"
+        log(f"{out} is being trained by {who}; skipping")
         return out
     try:
+        if _finished(out):  # finished by another process between the check above and the lock
+            log(f"{out} is already trained; skipping")
+            return out
+        remove_temp_files(out)  # what a killed run was writing when it died; its last complete files stay
         return _train(cfg, out, tokenizer, cache_dir, progress, log)
     finally:
         (out / LOCK).unlink(missing_ok=True)
+
+
+def _finished(out: Path) -> bool:
+    """training.json is written last: with it the model is complete. A checkpoint still beside it is the killed
+    run's (killed after training.json, before the checkpoint's removal): stale, so it goes."""
+    if not ((out / LAB_MARKER).exists() and (out / "training.json").exists()):
+        return False
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    return True
 
 
 def _train(cfg: TrainConfig, out: Path, tokenizer, cache_dir, progress: bool, log) -> Path:

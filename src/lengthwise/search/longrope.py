@@ -5,7 +5,9 @@
    fixed, so inputs that fit the training length keep their quality through the `longrope` length switch;
 3. outputs in `out_dir`: `factors.json` (readable by the `longrope` method: `longrope:long_factors=FILE`),
    `rope_parameters.json` (transformers-native), `generations.jsonl` (one row per generation and phase) and a
-   checkpoint per phase, rewritten after every generation, from which a killed search resumes.
+   checkpoint per phase, rewritten after every generation, from which a killed search resumes. Every file is
+   written atomically; generations.jsonl is rewritten whole from the checkpoints' logs, so after a resume it holds
+   every generation once, as an uninterrupted run's does (tests/test_kill_resume.py, tests/test_search.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lengthwise.io import atomic_write_json, atomic_write_text
+from lengthwise.io import atomic_write_json, atomic_write_text, remove_temp_files
 from lengthwise.models.families import model_info, require_encoding
 from lengthwise.rope.factors import save_factors
 from lengthwise.rope.rotation import rotary_layout
@@ -170,10 +172,13 @@ def _run_phase(
                                   on_result=on_evaluation)
     else:
         backend = SerialBackend(fitness, on_result=on_evaluation)
+    if state is not None:  # resumed: the generations before the kill come from the checkpoint, not from this run
+        log_rows.extend({"phase": phase, "backend": backend.name, **row} for row in state.log)
     start = time.perf_counter()
 
     def after(s: SearchState) -> None:
-        row = {"phase": phase, "backend": backend.name, **s.log[-1]}
+        s.log[-1]["backend"] = backend.name  # in the checkpoint too, so a resumed log names each row's own backend
+        row = {"phase": phase, **s.log[-1]}
         log_rows.append(row)
         if checkpoint:
             save_checkpoint(checkpoint, s, fingerprint)
@@ -185,6 +190,8 @@ def _run_phase(
         state = evolve(backend, space, config, [c for _, c in seeds], state=state, on_generation=after)
     finally:
         backend.close()
+    if checkpoint:  # a kill between the last checkpoint and its log line: the rerun evaluates nothing, writes it here
+        _write_log(out_dir, log_rows)
     best, value = state.best()
     return PhaseResult(
         phase=phase,
@@ -275,6 +282,8 @@ def longrope(
 
     names, docs = _tokenize(documents, tokenizer, target_length, max_docs, "long")
     out = Path(out_dir) if out_dir else None
+    if out is not None:
+        remove_temp_files(out)  # a killed run's unrenamed checkpoint or log: the checkpoint before it is what counts
     factory_model = model_name if model_name else model
     base_fp = {"model": model_name or model.config.model_type, "model_config": _digest(model.config.to_dict()),
                "pretrain_length": pretrain, "attention_factor": attn, "threads": threads}

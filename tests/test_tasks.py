@@ -81,7 +81,7 @@ def test_passkey_cells_keys_and_resume(tmp_path):
     assert by_cell[("vanilla", 160, 0)]["keys"] == [trial_key(0, 160, 0, t) for t in range(2)]
     assert by_cell[("yarn:factor={s}", 160, 0)]["method_resolved"] == "yarn:factor=2.5"
     assert by_cell[("yarn:factor={s}", 160, 0)]["method_config"][0]["factor"] == 2.5
-    assert by_cell[("sliding-window", 120, 100)]["method_config"] == [{"method": "sliding-window", "window": 64}]
+    assert by_cell[("sliding-window", 120, 100)]["method_config"] == [{"method": "sliding-window", "window": 64, "stride": 8}]
     for r in records:
         assert 0 <= r["metrics"]["accuracy"] <= 1 and r["metrics"]["trials"] == 2 and r["data"] == "passkey"
         assert r["machine"] and r["versions"]["torch"]

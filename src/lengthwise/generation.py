@@ -6,6 +6,7 @@ import torch
 
 from lengthwise.api import patch
 from lengthwise.models.families import model_info
+from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
 from lengthwise.models.compat import cache_kwargs
 
@@ -35,8 +36,7 @@ def generate(model, input_ids: torch.Tensor, method: str = "vanilla", max_new_to
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     if get_method(parts[0][0]).role == "scoring":
-        config = get_method(parts[0][0]).make_config(**parts[0][1])
-        window = config.window or model_info(model).pretrain_length
+        window = resolve_sliding_window(method, model_info(model).pretrain_length).window
         return generate_sliding_window(model, input_ids, max_new_tokens, window)[0, input_ids.shape[1] :]
     with patch(model, method) as handle:
         cache = handle.new_cache()

@@ -32,7 +32,7 @@ from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, is_scoring, resolve_spec
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
-from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.methods.baselines import resolve_sliding_window
 
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 MIN_PROMPT_TOKENS = 64  # instruction + needle + question take about 61 tokens with the reference tokenizer
@@ -179,11 +179,8 @@ def passkey_cell(model, tokenizer, cell: PasskeyCell, advance) -> dict:
                for t in range(cell.trials)]
     correct, found, token_acc, predictions, generated = 0, 0, 0.0, [], []
     if is_scoring(spec):
-        name, options = parse_method_spec(spec)[0]
-        config = get_method(name).make_config(**options)
-        window = config.window or info.pretrain_length
-        method_config = [{"method": name, "window": window}]
-        handle = None
+        setting = resolve_sliding_window(spec, info.pretrain_length)
+        window, handle, method_config = setting.window, None, setting.describe()
     else:
         window, handle = None, patch(model, spec)
         method_config = handle.describe()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from lengthwise.data.corpus import Document, documents_of_length
 from lengthwise.eval.cells import Cell, RayPool, run_cells
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.models.families import model_info
+from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
 from lengthwise.models.compat import cache_kwargs
 
@@ -160,10 +161,8 @@ def ppl_cell(model, tokenizer, cell: PplCell, advance) -> dict:
     scoring = get_method(parts[0][0]).role == "scoring"
     try:
         if scoring:
-            sw = get_method(parts[0][0]).make_config(**parts[0][1])
-            window = sw.window or info.pretrain_length
-            stride = sw.stride or max(1, window // 8)
-            method_config = [{"method": parts[0][0], **asdict(sw), "window": window, "stride": stride}]
+            setting = resolve_sliding_window(method, info.pretrain_length)
+            window, stride, method_config = setting.window, setting.stride, setting.describe()
         else:
             handle = patch(model, method)
             method_config = handle.describe()

@@ -24,6 +24,7 @@ from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, is_scoring, resolve_spec
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
+from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
 from lengthwise.models.compat import cache_kwargs
 
@@ -133,8 +134,7 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
     """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes."""
     device = ids.device
     if is_scoring(spec):
-        name, options = parse_method_spec(spec)[0]
-        window = get_method(name).make_config(**options).window or pretrain_length
+        window = resolve_sliding_window(spec, pretrain_length).window
 
         def step(context: torch.Tensor) -> torch.Tensor:
             return model(input_ids=context[:, -window:], use_cache=False, logits_to_keep=1).logits[:, -1]

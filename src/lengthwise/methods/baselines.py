@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lengthwise.patching import Undo
-from lengthwise.registry import option, register
+from lengthwise.registry import get_method, option, parse_method_spec, register
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,22 @@ class SlidingWindowConfig:
 )
 def apply_sliding_window(model, config: SlidingWindowConfig) -> Undo:
     return Undo()  # a scoring strategy: evaluation code reads the config, the model stays as it is
+
+
+@dataclass(frozen=True)
+class WindowSetting:
+    """What a sliding-window spec means on one model: its defaults resolved (here only)."""
+
+    window: int
+    stride: int
+
+    def describe(self) -> list[dict]:
+        return [{"method": "sliding-window", "window": self.window, "stride": self.stride}]
+
+
+def resolve_sliding_window(spec: str, pretrain_length: int) -> WindowSetting:
+    """`window` defaults to the training length, `stride` to window // 8."""
+    name, options = parse_method_spec(spec)[0]
+    config = get_method(name).make_config(**options)
+    window = config.window or pretrain_length
+    return WindowSetting(window, config.stride or max(1, window // 8))

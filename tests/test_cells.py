@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lengthwise.cli import app
-from lengthwise.eval import cells
+from lengthwise import distributed
 from lengthwise.eval.cells import Cell, RayPool, run_cells
 from lengthwise.eval.results import ResultsFile
 
@@ -63,7 +63,7 @@ def test_pool_arguments_are_checked():
     ["ruler", "--lengths", "256", "--tasks", "niah_single"],
 ])
 def test_ray_without_ray_installed_is_one_clear_line(command, monkeypatch, tmp_path):
-    monkeypatch.setattr(cells, "ray_available", lambda: False)
+    monkeypatch.setattr(distributed, "ray_available", lambda: False)
     result = CliRunner().invoke(app, [*command, "--ray", "local", "--out", str(tmp_path / "r.jsonl")])
     assert result.exit_code == 2, result.output
     assert "--ray needs Ray: pip install 'lengthwise[ray]'" in result.output

@@ -33,7 +33,8 @@ def search_command(
     short_iterations: int = typer.Option(None, min=1, help="generations of the short search (default: --iterations)"),
     previous: Path = typer.Option(None, exists=True, dir_okay=False,
                                   help="factors.json of a search at a smaller scale: progressive extension"),
-    ray_address: str = typer.Option(None, help="evaluate on Ray: 'local' starts one here, or a cluster address"),
+    ray_address: str = typer.Option(None, "--ray", "--ray-address",
+                                    help="evaluate on Ray: 'local' starts one here, or a cluster address"),
     workers: int = typer.Option(2, min=1, help="Ray workers (one model copy each)"),
     threads: int = typer.Option(None, min=1, help="torch threads per evaluation (equal => serial == Ray)"),
 ) -> None:

@@ -39,9 +39,10 @@ def cell_pool(ray: str | None, workers: int, threads: int, model: str, dtype: st
         torch.set_num_threads(threads)
     if not ray:
         return None
-    from lengthwise.eval.cells import RayPool, ray_available  # noqa: PLC0415
+    from lengthwise import distributed  # noqa: PLC0415
+    from lengthwise.eval.cells import RayPool  # noqa: PLC0415
 
-    if not ray_available():
+    if not distributed.ray_available():
         raise typer.BadParameter("--ray needs Ray: pip install 'lengthwise[ray]' (omit --ray to run the cells here)")
     if Path(model).exists():  # workers may start elsewhere: give them the absolute path
         model = str(Path(model).resolve())

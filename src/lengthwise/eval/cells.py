@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lengthwise.distributed import require_ray, start_ray
 from lengthwise.eval.results import ResultsFile
 from lengthwise.progress import progress_bar
 
@@ -51,38 +52,6 @@ class RayPool:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-
-
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
-def require_ray(option: str = "--ray"):
-    """The `ray` module, or an ImportError naming the install command."""
-    try:
-        import ray  # noqa: PLC0415
-    except ImportError as err:
-        raise ImportError(f"{option} needs Ray: pip install 'lengthwise[ray]' (or run without it: the serial "
-                          "path gives the same results)") from err
-    return ray
-
-
-def start_ray(address: str, cpus: float, option: str = "--ray") -> bool:
-    """Connect to (or, for "local", start) Ray unless this process already is; True when this call started it
-    (the caller then shuts it down)."""
-    ray = require_ray(option)
-    if ray.is_initialized():
-        return False
-    kwargs = {"include_dashboard": False, "log_to_driver": False}
-    if address == "local":
-        ray.init(num_cpus=cpus, **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
-    return True
 
 
 class _CellWorker:

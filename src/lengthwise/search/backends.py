@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lengthwise.distributed import ray_available, require_ray, start_ray
 from lengthwise.search.space import Candidate
+
+__all__ = ["RayBackend", "SerialBackend", "ray_available"]
 
 Fitness = Callable[[Candidate], float]
 
@@ -33,14 +36,6 @@ class SerialBackend:
         pass
 
 
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
 class RayBackend:
     """`workers` actors, each holding the fitness built by `factory()`; candidates are dealt round robin.
 
@@ -59,21 +54,8 @@ class RayBackend:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        try:
-            import ray  # noqa: PLC0415
-        except ImportError as err:
-            raise ImportError(
-                "--ray-address needs Ray: pip install 'lengthwise[ray]' (or run without it: the serial path works)"
-            ) from err
-        self.ray = ray
-        self._started = False
-        if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "log_to_driver": False}
-            if address == "local":
-                ray.init(num_cpus=max(workers, 1) * num_cpus_per_worker, **kwargs)
-            else:
-                ray.init(address=address, **kwargs)
-            self._started = True
+        self.ray = ray = require_ray("--ray-address")
+        self._started = start_ray(address, max(workers, 1) * num_cpus_per_worker, "--ray-address")
 
         @ray.remote(num_cpus=num_cpus_per_worker)
         class _Worker:

@@ -30,13 +30,7 @@ def _name(pattern):
     return f"g{pattern.n_global}-l{pattern.n_local}-limit{pattern.limit}-{pattern.key_anchor}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second thread only waits for its share of the cores (~0.1 s per op on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +159,7 @@ def test_compiled_flex_matches_eager_reference(encoding, monkeypatch):
 def test_impl_flex_in_a_model_equals_eager(family, monkeypatch):
     """`lm-infinite:impl=flex` through the transformers hooks: one pass and cached decoding equal impl=eager."""
     from lengthwise import api
-    from lengthwise.testing import left_padded_positions, random_ids, random_qkv, tiny_model
+    from lengthwise.testing import random_ids, tiny_model
 
     monkeypatch.setattr(flex, "COMPILE", False)  # eager flex: the default tier must not wait for a compile
     model, ids = tiny_model(family, length=32), random_ids(80)

@@ -149,15 +149,6 @@ def test_a_torn_last_line_is_cut_before_the_next_record(tmp_path):
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread is several times faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cli(args: list[str]) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ from lengthwise.attention.middle import MiddleRetrieval
 from lengthwise.models.compat import PatchNotInForce, cache_kwargs
 from lengthwise.rope.rotation import rotate, rotation_angles
 from lengthwise.rope.scaling import base_inv_freq
-from lengthwise.testing import left_padded_positions, random_ids, random_qkv, tiny_model
+from lengthwise.testing import random_ids, random_qkv, tiny_model
 
 torch.set_num_threads(1)
 ENCODINGS = {

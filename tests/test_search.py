@@ -172,15 +172,6 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert load_checkpoint(tmp_path / "none.json", fingerprint) is None
 
 
-@pytest.fixture
-def one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread is several times faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _log_and_files(folder):
     """What a search leaves in its folder, wall time left out: the generation log, rows in order, and the files."""
     rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]  # strict

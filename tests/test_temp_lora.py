@@ -12,13 +12,7 @@ from lengthwise.temp_lora.adapter import attach_lora
 from lengthwise.testing import random_ids, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many small matmuls: one thread avoids oversubscribing a shared 2-core machine (3-10x faster here)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _snapshot(model):

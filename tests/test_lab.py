@@ -289,16 +289,17 @@ def test_compare_variants_table_and_plot(saved_lab, tmp_path, monkeypatch):
     assert [r["time"] for r in again] == [r["time"] for r in records[:2]]
 
 
-def test_train_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def _trained_and_crashed(pe: str, tmp_path, monkeypatch):
+    """(config, tokenizer, folder of an uninterrupted 4-step run, folder of a run crashed at step 3 after its
+    step-2 checkpoint) on a random token stream."""
     from lengthwise.lab import train as lab_train
 
     tokenizer = lab_train.default_tokenizer()
     stream = torch.randint(0, len(tokenizer), (4000,), dtype=torch.int32)
     monkeypatch.setattr(lab_train, "token_stream", lambda *a, **k: stream)
-    cfg = lab_train.TrainConfig(pe="randomized", context=16, d_model=16, layers=1, heads=2, ffn=16, steps=4,
-                                batch=2, warmup=1, checkpoint_every=2)
+    cfg = lab_train.TrainConfig(pe=pe, context=16, d_model=16, layers=1, heads=2, ffn=16, steps=4, batch=2,
+                                warmup=1, checkpoint_every=2)
     straight = lab_train.train(cfg, tmp_path / "a", tokenizer=tokenizer, log=lambda m: None)
-
     real_batch_at = lab_train.batch_at
 
     def crash_at_3(stream, step, *args):
@@ -309,8 +310,15 @@ def test_train_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(lab_train, "batch_at", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
         lab_train.train(cfg, tmp_path / "b", tokenizer=tokenizer, log=lambda m: None)
-    assert (tmp_path / "b" / "checkpoint.pt").exists()
     monkeypatch.setattr(lab_train, "batch_at", real_batch_at)
+    return cfg, tokenizer, straight, tmp_path / "b"
+
+
+def test_train_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from lengthwise.lab import train as lab_train
+
+    cfg, tokenizer, straight, _ = _trained_and_crashed("randomized", tmp_path, monkeypatch)
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
     logs = []
     resumed = lab_train.train(cfg, tmp_path / "b", tokenizer=tokenizer, log=logs.append)
     assert any("resuming randomized at step 2/4" in m for m in logs)
@@ -337,24 +345,7 @@ def test_train_takes_over_what_a_killed_run_left(tmp_path, monkeypatch):
 
     from lengthwise.lab import train as lab_train
 
-    tokenizer = lab_train.default_tokenizer()
-    stream = torch.randint(0, len(tokenizer), (4000,), dtype=torch.int32)
-    monkeypatch.setattr(lab_train, "token_stream", lambda *a, **k: stream)
-    cfg = lab_train.TrainConfig(pe="rope", context=16, d_model=16, layers=1, heads=2, ffn=16, steps=4, batch=2,
-                                warmup=1, checkpoint_every=2)
-    straight = lab_train.train(cfg, tmp_path / "a", tokenizer=tokenizer, log=lambda m: None)
-    real_batch_at = lab_train.batch_at
-
-    def crash_at_3(stream, step, *args):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_batch_at(stream, step, *args)
-
-    monkeypatch.setattr(lab_train, "batch_at", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        lab_train.train(cfg, tmp_path / "b", tokenizer=tokenizer, log=lambda m: None)
-    monkeypatch.setattr(lab_train, "batch_at", real_batch_at)
-    killed = tmp_path / "b"
+    cfg, tokenizer, straight, killed = _trained_and_crashed("rope", tmp_path, monkeypatch)
     (killed / lab_train.LOCK).write_text("")  # SIGKILL leaves its lock; this one even before its pid was written
     long_ago = time.time() - 2 * lab_train.LOCK_WRITE_SECONDS
     os.utime(killed / lab_train.LOCK, (long_ago, long_ago))

@@ -30,7 +30,7 @@ ThreadsOption = Annotated[int, typer.Option(
     "identical between runs with equal threads")]
 
 
-def cell_pool(ray: str | None, workers: int, threads: int, model: str, dtype: str | None = None):
+def cell_pool(ray: str | None, workers: int, threads: int, model: str):
     """The Ray pool `--ray` asks for (None: run here, with `threads` torch threads if given); checked before the
     model loads."""
     if threads and not ray:
@@ -46,7 +46,7 @@ def cell_pool(ray: str | None, workers: int, threads: int, model: str, dtype: st
         raise typer.BadParameter("--ray needs Ray: pip install 'lengthwise[ray]' (omit --ray to run the cells here)")
     if Path(model).exists():  # workers may start elsewhere: give them the absolute path
         model = str(Path(model).resolve())
-    return RayPool(model, workers=workers, address=ray, threads=threads or 1, dtype=dtype)
+    return RayPool(model, workers=workers, address=ray, threads=threads or 1)
 
 
 def _parse_numbers(text: str, what: str, cast=int) -> list:

@@ -45,7 +45,6 @@ class RayPool:
     workers: int = 2
     address: str = "local"
     threads: int = 1
-    dtype: str | None = None  # torch dtype name for load_model (None: float32)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -57,13 +56,13 @@ class RayPool:
 class _CellWorker:
     """A Ray actor's body: one model load, then cells."""
 
-    def __init__(self, model_name: str, threads: int, dtype: str | None) -> None:
+    def __init__(self, model_name: str, threads: int) -> None:
         import torch  # noqa: PLC0415
 
         from lengthwise.api import load_model  # noqa: PLC0415
 
         torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_model(model_name, dtype=getattr(torch, dtype) if dtype else None)
+        self.model, self.tokenizer = load_model(model_name)
 
     def run(self, function: CellFunction, args: Any) -> dict:
         return function(self.model, self.tokenizer, args, lambda _: None)
@@ -105,7 +104,7 @@ def _run_on_ray(pool: RayPool, function: CellFunction, cells: Sequence[Cell]):
     ray = require_ray()
     started = start_ray(pool.address, pool.workers * 1.0)
     worker_class = ray.remote(num_cpus=1)(_CellWorker)
-    actors = [worker_class.remote(pool.model_name, pool.threads, pool.dtype) for _ in range(pool.workers)]
+    actors = [worker_class.remote(pool.model_name, pool.threads) for _ in range(pool.workers)]
     try:
         queue = list(cells)
         running = {}

@@ -128,8 +128,15 @@ def test_scale_template():
 
 def test_memory_estimate_scales_and_refuses_what_cannot_fit():
     model = tiny_model("llama", length=64)
+    model.config._attn_implementation = "eager"
     small, big = estimate_memory(model, 1000), estimate_memory(model, 2000)
     assert big.attention == 4 * small.attention and big.kv == 2 * small.kv
+    # SDPA's fused kernels hold no n x n scores: dense SDPA is estimated like the blocked kernel, plus the mask of a
+    # padded batch.
+    model.config._attn_implementation = "sdpa"
+    assert estimate_memory(model, 100_000).attention == estimate_memory(model, 100_000, "lm-infinite").attention
+    assert estimate_memory(model, 100_000, batch=2).attention > 2 * estimate_memory(model, 100_000).attention
+    model.config._attn_implementation = "eager"
     # Λ attention (blocked kernel) and the sliding window keep the score tensor small.
     assert estimate_memory(model, 100_000, "lm-infinite").attention < estimate_memory(model, 100_000).attention / 40
     assert estimate_memory(model, 100_000, "sliding-window").total == estimate_memory(model, 64).total

@@ -59,6 +59,10 @@ def check_lengths(lengths: Sequence[int], minimum: int, what: str = "length") ->
     return list(lengths)
 
 
+# Attention implementations that never materialise the n x n scores (for an unpadded sequence).
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
 # --- memory estimate -------------------------------------------------------------------------------------------
 
 
@@ -92,9 +96,12 @@ def estimate_memory(model, length: int, method: str = "vanilla", batch: int = 1,
                     attention_block: int = 2048) -> MemoryEstimate:
     """Bytes one forward pass over `length` tokens needs (an estimate from the config, an upper bound in practice).
 
-    KV: 2 * layers * kv_heads * head_dim * n * dtype bytes. Attention scores: heads * n * n float32 for dense
-    attention (eager, or SDPA's math path), heads * n * min(n, attention_block) for methods that replace the
-    attention (lm-infinite/streaming run a blocked kernel); sliding-window never sees more than its window.
+    KV: 2 * layers * kv_heads * head_dim * n * dtype bytes. Attention scores: heads * n * n float32 for eager
+    attention, heads * n * min(n, attention_block) for methods that replace the attention (lm-infinite/streaming
+    run a blocked kernel) and for SDPA, whose fused kernels (flash on CPU and GPU) never hold the n x n scores: on
+    SmolLM2 at 32k tokens dense SDPA prefill peaked at 1362 MiB, lm-infinite at 1386 MiB
+    (docs/results/lm_infinite_speed_smollm2-135m.md), where n x n scores would be 36 GiB. A padded batch (batch > 1)
+    adds SDPA's boolean n x n mask. Sliding-window never sees more than its window.
     `logits`: positions whose logits are computed (default all n).
     """
     from lengthwise.models.families import model_info  # noqa: PLC0415
@@ -115,9 +122,12 @@ def estimate_memory(model, length: int, method: str = "vanilla", batch: int = 1,
     roles = {get_method(name).role for name, _ in parts}
     if "scoring" in roles:  # sliding-window: the model only ever runs over its training length
         n = min(n, model_info(model).pretrain_length)
-    keys_per_query = min(n, attention_block) if "attention" in roles else n
+    fused = getattr(config, "_attn_implementation", None) in FUSED_ATTENTION
+    keys_per_query = min(n, attention_block) if "attention" in roles or fused else n
     kv = 2 * layers * kv_heads * head_dim * n * dtype_bytes * batch
     attention = heads * n * keys_per_query * 4 * batch
+    if fused and "attention" not in roles and batch > 1:
+        attention += batch * n * n  # the boolean padding mask
     activations = batch * n * (4 * hidden + 2 * inner) * max(dtype_bytes, 4)
     activations += batch * (n if logits is None else min(logits, n)) * vocab * 4
     return MemoryEstimate(weights, kv, attention, activations, weights + kv + attention + activations)

@@ -19,3 +19,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+
+class SearchKiller:
+    """Stops a LongRoPE search at a generation, as a SIGKILL would: `on_generation=killer.at(N)`, then
+    `pytest.raises(killer.Killed)`."""
+
+    class Killed(Exception):
+        pass
+
+    def at(self, generation: int):
+        def on_generation(phase, row):
+            if row["generation"] == generation:
+                raise self.Killed
+
+        return on_generation
+
+
+@pytest.fixture
+def search_killer():
+    return SearchKiller()

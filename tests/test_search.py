@@ -181,7 +181,7 @@ def _log_and_files(folder):
     return rows, files, sorted(p.name for p in folder.iterdir())
 
 
-def test_a_resumed_search_logs_every_generation_once(one_thread, tmp_path, monkeypatch):
+def test_a_resumed_search_logs_every_generation_once(one_thread, tmp_path, monkeypatch, search_killer):
     """A search killed in its long phase and run again (the CLI's out folder) logs every generation of both phases
     once, as an uninterrupted run does; before the fix the rerun's generations.jsonl lost those before the kill.
     A log one row behind its checkpoint (killed between the two writes) is completed, and a temporary file of a
@@ -208,15 +208,8 @@ def test_a_resumed_search_logs_every_generation_once(one_thread, tmp_path, monke
     assert [(r["phase"], r["generation"]) for r in expected[0]] == [("long", g) for g in range(4)] + [
         ("short", 0), ("short", 1)]
 
-    class Killed(Exception):
-        pass
-
-    def kill(phase, row):
-        if row["generation"] == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        search("killed", on_generation=kill)
+    with pytest.raises(search_killer.Killed):
+        search("killed", on_generation=search_killer.at(1))
     killed = search("killed")
     assert _log_and_files(killed) == expected
     log = killed / "generations.jsonl"

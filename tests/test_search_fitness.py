@@ -84,20 +84,13 @@ def test_end_to_end_search_outputs_short_factors_and_resume(model, docs, tmp_pat
     assert calls == [] and again.long_factors == result.long_factors and again.short_factors == result.short_factors
 
 
-def test_killed_search_resumes_to_the_same_result(model, docs, tmp_path):
+def test_killed_search_resumes_to_the_same_result(model, docs, tmp_path, search_killer):
     tok = tiny_tokenizer()
     kw = dict(scale=2.0, evolution=budget(iterations=4), max_docs=1, n_hat_choices=(0, 4))
     full = longrope(model, tok, docs, **kw)
 
-    class Killed(Exception):
-        pass
-
-    def kill(phase, row):
-        if row["generation"] == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        longrope(model, tok, docs, out_dir=tmp_path, on_generation=kill, **kw)
+    with pytest.raises(search_killer.Killed):
+        longrope(model, tok, docs, out_dir=tmp_path, on_generation=search_killer.at(1), **kw)
     resumed = longrope(model, tok, docs, out_dir=tmp_path, **kw)
     assert resumed.long_factors == full.long_factors and resumed.long.ppl == full.long.ppl
     assert [r["best"] for r in resumed.long.log] == [r["best"] for r in full.long.log]

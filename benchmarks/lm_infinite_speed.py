@@ -80,6 +80,21 @@ def timed(*fns, repeat: int = 1, warm_up: bool = True) -> list[float]:
     return best
 
 
+@torch.no_grad()
+def kernel_times(args, n: int, pattern, encoding, with_dense: bool) -> dict:
+    """Seconds of one attention call over n random queries and keys, Λ and (with_dense) dense SDPA. The q/k/v
+    tensors are this function's, freed on return, before the model's prefill is timed."""
+    head_dim = args.hidden // args.heads
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, args.heads, n, head_dim, generator=g).to(args.dtype) for _ in range(3))  # (1,H,n,D)
+    pos = torch.arange(n)[None]
+    kernels = {"lambda": lambda: lambda_attention_blocked(q, k, v, pos, pos, None, pattern, encoding,
+                                                          head_dim**-0.5, block=args.block)}
+    if with_dense:
+        kernels["dense"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return {f"kernel_{name}_s": s for name, s in zip(kernels, timed(*kernels.values(), repeat=args.kernel_repeat))}
+
+
 def glibc():
     """The C library if it is glibc (mallopt and malloc_trim exist), else None."""
     return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
@@ -236,7 +251,6 @@ def main() -> None:
     from lengthwise.api import patch  # noqa: PLC0415
 
     model = real_model(args) if args.model else bench_model(args)
-    head_dim = args.hidden // args.heads
     pattern = LambdaPattern(args.n_global, args.n_local, args.n_local)
     encoding = RopeEncoding(model.model.rotary_emb.inv_freq, "half")
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -248,17 +262,8 @@ def main() -> None:
     for n in [int(x) for x in args.lengths.split(",")]:
         row = {"length": n, "bound": bounds(args, n)}
         skip_dense = args.skip_dense_above and n > args.skip_dense_above
-        g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(1, args.heads, n, head_dim, generator=g).to(args.dtype) for _ in range(3))
-        pos = torch.arange(n)[None]
+        row.update(kernel_times(args, n, pattern, encoding, with_dense=not skip_dense))
         with torch.no_grad():
-            kernels = {"lambda": lambda: lambda_attention_blocked(q, k, v, pos, pos, None, pattern, encoding,
-                                                                  head_dim**-0.5, block=args.block)}
-            if not skip_dense:
-                kernels["dense"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            for name, seconds in zip(kernels, timed(*kernels.values(), repeat=args.kernel_repeat)):
-                row[f"kernel_{name}_s"] = seconds
-            del q, k, v
             ids = torch.randint(1, 100, (1, n))
             def lm_infinite():
                 return patch(model, "lm-infinite", n_global=args.n_global, n_local=args.n_local,

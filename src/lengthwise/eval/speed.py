@@ -136,14 +136,14 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
     if is_scoring(spec):
         window = resolve_sliding_window(spec, pretrain_length).window
 
-        def step(context: torch.Tensor) -> torch.Tensor:
+        def rescore_window(context: torch.Tensor) -> torch.Tensor:
             return model(input_ids=context[:, -window:], use_cache=False, logits_to_keep=1).logits[:, -1]
 
-        prefill, logits = _timed(lambda: step(ids), device)
+        prefill, logits = _timed(lambda: rescore_window(ids), device)
         context, times = ids, []
         for _ in range(decode_steps):
             context = torch.cat([context, logits.argmax(-1, keepdim=True)], dim=1)
-            seconds, logits = _timed(lambda c=context: step(c), device)
+            seconds, logits = _timed(lambda c=context: rescore_window(c), device)
             times.append(seconds)
         return {"prefill_s": prefill, "decode_s": times, "cache_bytes": 0}
     with patch(model, spec) as handle:

@@ -13,6 +13,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+MODEL_HELP = ("bundled or real model name (`lengthwise models`), HF folder, .gguf file (or a folder holding one), "
+              "or hub id")
 METHODS_HELP = (
     "method spec, repeatable: NAME[:key=value,...][+NAME...]. Methods: " + ", ".join(method_names())
 )

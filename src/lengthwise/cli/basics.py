@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lengthwise.cli.app import METHODS_HELP, app, check_methods, check_methods_fit, parse_int_list
+from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods, check_methods_fit, parse_int_list
 from lengthwise.cli.outputs import check_out_file, check_results
 from lengthwise.cli.tasks import RayOption, ThreadsOption, WorkersOption, cell_pool
 
@@ -38,7 +38,7 @@ def list_models() -> None:
 
 @app.command("ppl")
 def ppl_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP),
     data: str = typer.Option("stdlib", help="stdlib | stdlib-train | pg19-dev | pg19-train | hf:NAME[:SPLIT] | PATH"),
     lengths: str = typer.Option("256,512,1024,2048", help="comma-separated token lengths"),
     method: list[str] = typer.Option(["vanilla", "sliding-window"], "--method", "-m", help=METHODS_HELP),

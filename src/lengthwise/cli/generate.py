@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import METHODS_HELP, app, check_methods
+from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods
 from lengthwise.cli.outputs import check_out_dir
 
 
 @app.command("generate")
 def generate_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP),
     prompt: str = typer.Option(None, help="prompt text"),
     prompt_file: Path = typer.Option(None, exists=True, dir_okay=False, help="read the prompt from a file"),
     method: str = typer.Option("vanilla", "--method", "-m", help=METHODS_HELP),

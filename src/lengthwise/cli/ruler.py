@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import app, check_methods_fit
+from lengthwise.cli.app import MODEL_HELP, app, check_methods_fit
 from lengthwise.cli.outputs import check_out_file, check_results
 from lengthwise.cli.tasks import (SCALED_HELP, RayOption, ThreadsOption, WorkersOption, _checked, _parse_numbers,
                                   cell_pool)
@@ -17,7 +17,7 @@ console = Console()
 
 @app.command("ruler")
 def ruler_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP),
     tasks: str = typer.Option("niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking,"
                               "common_words", help="comma-separated RULER-style tasks"),
     lengths: str = typer.Option("256,512,1024", help="comma-separated prompt lengths in tokens"),

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import app
+from lengthwise.cli.app import MODEL_HELP, app
 from lengthwise.cli.outputs import check_out_dir
 
 
 @app.command("search")
 def search_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id (RoPE models)"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP + " (RoPE models)"),
     target_length: int = typer.Option(None, help="tokens to extend to (or give --scale)"),
     scale: float = typer.Option(None, help="s = target length / training length (>= 1)"),
     data: str = typer.Option("pg19-train", help="fitness documents: corpus spec (keep them apart from held-out data)"),

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import METHODS_HELP, app, check_methods_fit
+from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods_fit
 from lengthwise.cli.outputs import check_out_file, check_results
 
 console = Console()
@@ -72,7 +72,7 @@ def _print_tables(records: list[dict]) -> None:
 
 @app.command("passkey")
 def passkey_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP),
     lengths: str = typer.Option("256,512,1024,2048", help="comma-separated prompt lengths in tokens"),
     depths: str = typer.Option("0,25,50,75,100", help="comma-separated needle depths, percent of the filler (0..100)"),
     method: list[str] = typer.Option(["vanilla", "sliding-window", "lm-infinite"], "--method", "-m", help=SCALED_HELP),
@@ -112,7 +112,7 @@ def passkey_command(
 
 @app.command("gen-quality")
 def gen_quality_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP),
     data: str = typer.Option("stdlib", help="stdlib | stdlib-train | pg19-dev | pg19-train | hf:NAME[:SPLIT] | PATH"),
     lengths: str = typer.Option("256,1024", help="comma-separated prefix lengths in tokens"),
     method: list[str] = typer.Option(["vanilla", "sliding-window", "lm-infinite"], "--method", "-m", help=SCALED_HELP),
@@ -152,8 +152,8 @@ def gen_quality_command(
 
 @app.command("bench")
 def bench_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, hub id, or 'llama' "
-                              "(a random Llama-shaped model built from the size options below)"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP + ", or 'llama' (a random Llama-shaped "
+                              "model built from the size options below)"),
     lengths: str = typer.Option("256,1024,4096", help="comma-separated prompt lengths in tokens"),
     method: list[str] = typer.Option(["vanilla", "lm-infinite", "streaming"], "--method", "-m", help=SCALED_HELP),
     decode_steps: int = typer.Option(8, min=1, help="tokens decoded one at a time after the prefill"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import app, parse_int_list
+from lengthwise.cli.app import MODEL_HELP, app, parse_int_list
 from lengthwise.cli.outputs import check_results
 
 temp_lora_app = typer.Typer(help="Temp-LoRA (seed 003): a temporary LoRA trained at inference time on the text read.",
@@ -47,7 +47,7 @@ def check_window_method(method: str | None) -> str | None:
 
 @temp_lora_app.command("eval")
 def eval_command(
-    model: str = typer.Option("llama-rope-256", help="bundled model name, local HF folder, or hub id"),
+    model: str = typer.Option("llama-rope-256", help=MODEL_HELP),
     data: str = typer.Option("stdlib", help="corpus: stdlib, pg19-dev, a local file/folder, hf:NAME"),
     max_docs: int = typer.Option(4, min=1, help="documents (the longest ones, unless --corpus-order)"),
     max_tokens: int = typer.Option(8192, min=0, help="cap tokens per document (0: whole documents)"),

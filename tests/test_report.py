@@ -49,9 +49,12 @@ def test_passkey_table_pools_depths_and_latest_record_wins():
     records = _passkey_records()
     totals = passkey_accuracy(records)
     assert totals[("vanilla", 256)] == (3, 4) and totals[("vanilla", 512)] == (2, 4)
-    table = passkey_tables(records)
-    assert "| vanilla | 0.75 | 0.50 |" in table and "| yarn:factor={s} | 1.00 | 0.50 |" in table
-    assert "2 depths x 2 trials" in table
+    table = passkey_tables(records)  # yarn ran at one depth: cells hold 4 and 2 trials, so each says how many
+    assert "| vanilla | 0.75 (3/4) | 0.50 (2/4) |" in table
+    assert "| yarn:factor={s} | 1.00 (2/2) | 0.50 (1/2) |" in table
+    assert "correct / trials per cell" in table
+    even = passkey_tables([r for r in records if r["method"] == "vanilla"])
+    assert "| vanilla | 0.75 | 0.50 |" in even and "2 depths x 2 trials" in even
 
 
 def test_gen_quality_and_bench_tables():
@@ -106,6 +109,6 @@ def test_report_cli(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(tmp_path / "passkey.jsonl"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "| vanilla | 0.75 | 0.50 |" in result.output and (tmp_path / "out" / "report.md").exists()
+    assert "| vanilla | 0.75 (3/4) | 0.50 (2/4) |" in result.output and (tmp_path / "out" / "report.md").exists()
     result = runner.invoke(app, ["report", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2 and "not found" in result.output

@@ -60,13 +60,18 @@ def passkey_tables(records: list[dict]) -> str:
         lengths = sorted({n for _, n in totals})
         depths = sorted({r["depth"] for r in rows})
         trials = sorted({r["metrics"]["trials"] for r in rows})
-        header = [f"{PASSKEY_METRICS[metric]} ({model}; {len(depths)} depths x {'/'.join(map(str, trials))} trials)"]
+        # Cells pooled over different numbers of trials (a length run at fewer depths) say how many they hold.
+        with_counts = len({total for _, total in totals.values()}) > 1
+        pooled = ("correct / trials per cell" if with_counts
+                  else f"{len(depths)} depths x {'/'.join(map(str, trials))} trials")
+        header = [f"{PASSKEY_METRICS[metric]} ({model}; {pooled})"]
         body = []
         for method in [m for m in _methods(rows) if any(key[0] == m for key in totals)]:
             line = [method]
             for n in lengths:
                 correct, total = totals.get((method, n), (0, 0))
-                line.append(f"{correct / total:.2f}" if total else "-")
+                count = f" ({correct}/{total})" if with_counts else ""
+                line.append(f"{correct / total:.2f}{count}" if total else "-")
             body.append(line)
         blocks.append(markdown_table(header + [str(n) for n in lengths], body))
     return "\n\n".join(blocks)

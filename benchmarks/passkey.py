@@ -9,7 +9,9 @@ factor 1, its base follows the current length). Keys are fixed by the seed, the 
         --figures docs/figures
 
 Results are JSON lines (one per method x length x depth), appended; finished cells are skipped on a rerun.
-Writes passkey_<model>.md (tables) next to the results, and passkey_heatmap_<model>.png, passkey_by_length_<model>.png.
+Writes passkey_<model>.md (tables) next to the results, and passkey_heatmap_<model>.png, passkey_by_length_<model>.png,
+from every record of the file for this model and these methods (not only this run's cells, so a run of a few cells
+does not shrink the tables); --render-only rewrites them and runs nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/results/passkey_llama-rope-256.jsonl")
     parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the tables and figures from --out")
     args = parser.parse_args()
 
     import torch  # noqa: PLC0415
@@ -49,10 +52,14 @@ def main() -> None:
     lengths = [int(v) for v in args.lengths.split(",")]
     depths = [float(v) for v in args.depths.split(",")]
     methods = [spec.replace(";", ",") for spec in args.methods.split(",")]  # ";" between a spec's options
-    model, tokenizer = load_model(args.model)
-    check_memory(model, lengths, methods, logits=8)
-    records = passkey(model, tokenizer, lengths, depths, methods, trials=args.trials, seed=args.seed,
-                      results=ResultsFile(args.out), model_name=args.model)
+    if not args.render_only:
+        model, tokenizer = load_model(args.model)
+        check_memory(model, lengths, methods, logits=8)
+        passkey(model, tokenizer, lengths, depths, methods, trials=args.trials, seed=args.seed,
+                results=ResultsFile(args.out), model_name=args.model)
+    latest = {r["key"]: r for r in ResultsFile(args.out).records}  # a rerun cell's later record wins
+    records = [r for r in latest.values() if r.get("model") == args.model and r["method"] in methods]
+    records.sort(key=lambda r: (methods.index(r["method"]), r["length"], r["depth"]))
     out = Path(args.out)
     tables = passkey_tables(records) + "\n\n" + passkey_depth_tables(records) + "\n"
     atomic_write_text(out.with_suffix(".md"), tables)

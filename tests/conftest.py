@@ -21,7 +21,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-
 class SearchKiller:
     """Stops a LongRoPE search at a generation, as a SIGKILL would: `on_generation=killer.at(N)`, then
     `pytest.raises(killer.Killed)`."""

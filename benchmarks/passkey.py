@@ -9,9 +9,11 @@ factor 1, its base follows the current length). Keys are fixed by the seed, the 
         --figures docs/figures
 
 Results are JSON lines (one per method x length x depth), appended; finished cells are skipped on a rerun.
-Writes passkey_<model>.md (tables) next to the results, and passkey_heatmap_<model>.png, passkey_by_length_<model>.png,
-from every record of the file for this model and these methods (not only this run's cells, so a run of a few cells
-does not shrink the tables); --render-only rewrites them and runs nothing.
+Writes <results>.md (tables) next to the results and, with --figures DIR, passkey_heatmap_<model>.png and
+passkey_by_length_<model>.png there, from every record of the file for this model and these methods (not only this
+run's cells, so a run of a few cells does not shrink the tables); --render-only rewrites them and runs nothing.
+Figures are opt-in because their names follow the model, not the results file: a second study of the same model
+(another results file) drawn into the same folder would replace the first one's figures.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/results/passkey_llama-rope-256.jsonl")
-    parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--figures", help="folder for the figures (none drawn without it)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the tables and figures from --out")
     args = parser.parse_args()
 
@@ -63,9 +65,10 @@ def main() -> None:
     out = Path(args.out)
     tables = passkey_tables(records) + "\n\n" + passkey_depth_tables(records) + "\n"
     atomic_write_text(out.with_suffix(".md"), tables)
-    figures = Path(args.figures)
-    plot_passkey_heatmap(records, figures / f"passkey_heatmap_{slug(args.model)}.png")
-    plot_passkey_by_length(records, figures / f"passkey_by_length_{slug(args.model)}.png")
+    if args.figures:
+        figures = Path(args.figures)
+        plot_passkey_heatmap(records, figures / f"passkey_heatmap_{slug(args.model)}.png")
+        plot_passkey_by_length(records, figures / f"passkey_by_length_{slug(args.model)}.png")
     print(tables)
 
 

@@ -8,12 +8,13 @@ from typer.testing import CliRunner
 from lengthwise.cli import app
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.report.build import build_report, read_results
-from lengthwise.report.tasks import bench_tables, gen_quality_tables, passkey_accuracy, passkey_tables, task_tables
+from lengthwise.report.tasks import bench_tables, gen_quality_tables, passkey_accuracy, passkey_depth_tables, passkey_tables
+from lengthwise.report.tasks import task_tables
 
 
-def _passkey(method, length, depth, correct, trials=2):
-    key = cell_key("passkey", model="m", method=method, length=length, depth=depth, trials=trials, seed=0)
-    return make_record("passkey", key, model="m", method=method, method_config=[], data="passkey", seed=0,
+def _passkey(method, length, depth, correct, trials=2, seed=0):
+    key = cell_key("passkey", model="m", method=method, length=length, depth=depth, trials=trials, seed=seed)
+    return make_record("passkey", key, model="m", method=method, method_config=[], data="passkey", seed=seed,
                        metrics={"accuracy": correct / trials, "correct": correct, "trials": trials},
                        length=length, depth=depth, pretrain_length=256)
 
@@ -55,6 +56,12 @@ def test_passkey_table_pools_depths_and_latest_record_wins():
     assert "correct / trials per cell" in table
     even = passkey_tables([r for r in records if r["method"] == "vanilla"])
     assert "| vanilla | 0.75 | 0.50 |" in even and "2 depths x 2 trials" in even
+
+
+def test_passkey_runs_with_another_seed_are_pooled_as_more_trials():
+    records = _passkey_records() + [_passkey("vanilla", 512, 0, 1, seed=1)]
+    assert passkey_accuracy(records)[("vanilla", 512)] == (3, 6)
+    assert "| 0% | 1.00 | 0.75 |" in passkey_depth_tables([r for r in records if r["method"] == "vanilla"])
 
 
 def test_gen_quality_and_bench_tables():

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 from lengthwise.cli import app
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.report.build import build_report, read_results
-from lengthwise.report.tasks import bench_tables, gen_quality_tables, passkey_accuracy, passkey_depth_tables, passkey_tables
-from lengthwise.report.tasks import task_tables
+from lengthwise.report.tasks import bench_tables, gen_quality_tables, passkey_accuracy, passkey_depth_tables
+from lengthwise.report.tasks import passkey_tables, task_tables
 
 
 def _passkey(method, length, depth, correct, trials=2, seed=0):

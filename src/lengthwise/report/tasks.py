@@ -35,16 +35,21 @@ def _fmt(value, spec: str) -> str:
 # --- passkey ---------------------------------------------------------------------------------------------------
 
 
-def passkey_accuracy(records: list[dict], metric: str = "accuracy") -> dict[tuple[str, int], tuple[int, int]]:
-    """(method, length) -> (correct, trials) summed over depths (latest record per cell); `metric`: "accuracy"
-    (exact answer tokens) or "found_accuracy" (the official script's first integer; records that have it)."""
-    # a rerun cell's later record wins; runs with another seed (other keys) are more trials, pooled
+def _pooled_passkey(records: list[dict], metric: str, cell) -> dict[tuple, tuple[int, int]]:
+    """cell(record) -> (correct, trials) summed over the records of that cell. A rerun of a (method, length, depth,
+    seed) run counts once, its later record winning; runs with another seed (other keys) are more trials."""
     latest = {(r["method"], r["length"], r["depth"], r.get("seed")): r for r in records if metric in r["metrics"]}
-    totals: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
-    for (method, length, _, _), r in latest.items():
-        totals[(method, length)][0] += round(r["metrics"][metric] * r["metrics"]["trials"])
-        totals[(method, length)][1] += r["metrics"]["trials"]
+    totals: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for r in latest.values():
+        totals[cell(r)][0] += round(r["metrics"][metric] * r["metrics"]["trials"])
+        totals[cell(r)][1] += r["metrics"]["trials"]
     return {k: (c, t) for k, (c, t) in totals.items()}
+
+
+def passkey_accuracy(records: list[dict], metric: str = "accuracy") -> dict[tuple[str, int], tuple[int, int]]:
+    """(method, length) -> (correct, trials) summed over depths and seeds; `metric`: "accuracy" (exact answer tokens)
+    or "found_accuracy" (the official script's first integer; records that have it)."""
+    return _pooled_passkey(records, metric, lambda r: (r["method"], r["length"]))
 
 
 PASSKEY_METRICS = {"accuracy": "passkey accuracy",
@@ -84,11 +89,8 @@ def passkey_depth_tables(records: list[dict]) -> str:
     for (model, _), rows in group(records, "passkey").items():
         lengths = sorted({r["length"] for r in rows})
         for method in _methods(rows):
-            latest = {(r["depth"], r["length"], r.get("seed")): r["metrics"] for r in rows if r["method"] == method}
-            pooled: dict[tuple[float, int], list[float]] = defaultdict(lambda: [0.0, 0])
-            for (depth, length, _), m in latest.items():
-                pooled[(depth, length)][0] += m["accuracy"] * m["trials"]
-                pooled[(depth, length)][1] += m["trials"]
+            pooled = _pooled_passkey([r for r in rows if r["method"] == method], "accuracy",
+                                     lambda r: (r["depth"], r["length"]))
             cells = {key: correct / trials for key, (correct, trials) in pooled.items()}
             depths = sorted({d for d, _ in cells})
             body = [[f"{d:g}%"] + [_fmt(cells.get((d, n)), ".2f") for n in lengths] for d in depths]

@@ -24,6 +24,8 @@ MIDDLES = {
     "top-k-last": MiddleRetrieval(20, top_k=5, queries="last"),
     "blocks": MiddleRetrieval(20, top_blocks=2, block_size=16, representatives=4, query_group=8),
     "blocks-one-box": MiddleRetrieval(30, top_blocks=3, block_size=8, representatives=1, query_group=1),
+    "blocks-kept-order": MiddleRetrieval(20, top_blocks=2, block_size=16, representatives=4, query_group=8,
+                                         order="kept"),
 }
 
 
@@ -42,16 +44,16 @@ def test_fast_path_matches_eager_reference(encoding, middle):
         assert not torch.allclose(ref, lambda_attention_reference(*args, plain, ENCODINGS[encoding], 0.3), atol=1e-3)
 
 
-def _dense_with_middle_at(q_raw, k_raw, v, n_global, n_local, limit, distance, inv):
+def _dense_with_middle_at(q_raw, k_raw, v, n_global, n_local, limit, middle_at, inv):
     """Attention built score by score from un-rotated vectors: global and local keys as in LM-Infinite, every other
-    earlier key at `distance`."""
+    earlier key n of query m at distance `middle_at(m, n)`."""
     T = q_raw.shape[2]
     out = torch.zeros_like(q_raw)
     for m in range(T):
         scores = []
         for n in range(m + 1):
             d = m - n
-            at = d if d < n_local else (min(d, limit) if n < n_global else distance)
+            at = d if d < n_local else (min(d, limit) if n < n_global else middle_at(m, n))
             q_at = rotate(q_raw[:, :, m:m + 1], rotation_angles(torch.tensor([[at]]), inv)[:, None])
             scores.append((q_at * k_raw[:, :, n:n + 1]).sum())
         out[0, 0, m] = torch.softmax(torch.stack(scores), 0) @ v[0, 0, :m + 1]
@@ -69,7 +71,29 @@ def test_selecting_the_whole_middle_equals_dense_attention_with_the_middle_at_th
     pos = torch.arange(T)[None]
     q, k = (rotate(x, rotation_angles(pos, inv)[:, None]) for x in (q_raw, k_raw))
     pattern = LambdaPattern(2, 8, 12, middle=middle)
-    expected = _dense_with_middle_at(q_raw, k_raw, v, 2, 8, 12, 6, inv)
+    expected = _dense_with_middle_at(q_raw, k_raw, v, 2, 8, 12, lambda m, n: 6, inv)
+    for kernel in (lambda_attention_reference, lambda_attention_blocked):
+        torch.testing.assert_close(kernel(q, k, v, pos, pos, None, pattern, RopeEncoding(inv, "half"), 1.0),
+                                   expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_block_in_kept_order_equals_dense_attention_with_the_middle_end_to_end():
+    """order "kept": query m's blocks holding a middle key, end to end, the last key of the last one at the
+    distance, each earlier key one further back: key n at 6 + (last - n), last = 2 + 4 * blocks - 1."""
+    g = torch.Generator().manual_seed(4)
+    T, D, G, S = 40, 8, 2, 4
+    q_raw, k_raw, v = (torch.randn(1, 1, T, D, generator=g) for _ in range(3))
+    inv = base_inv_freq(D, 10000.0)
+    pos = torch.arange(T)[None]
+    q, k = (rotate(x, rotation_angles(pos, inv)[:, None]) for x in (q_raw, k_raw))
+    middle = MiddleRetrieval(6, top_blocks=100, block_size=S, representatives=2, query_group=1, order="kept")
+    pattern = LambdaPattern(G, 8, 12, middle=middle)
+
+    def middle_at(m, n):
+        blocks = (m - 8 - G) // S + 1  # blocks starting at least n_local before m
+        return 6 + (G + blocks * S - 1 - n)
+
+    expected = _dense_with_middle_at(q_raw, k_raw, v, G, 8, 12, middle_at, inv)
     for kernel in (lambda_attention_reference, lambda_attention_blocked):
         torch.testing.assert_close(kernel(q, k, v, pos, pos, None, pattern, RopeEncoding(inv, "half"), 1.0),
                                    expected, atol=1e-5, rtol=1e-5)
@@ -77,7 +101,8 @@ def test_selecting_the_whole_middle_equals_dense_attention_with_the_middle_at_th
 
 LOCAL = "lm-infinite:n_global=2,n_local=16"
 SPECS = [LOCAL + ",top_k=4", LOCAL + ",top_k=4,middle_queries=last,middle_from_layer=1",
-         LOCAL + ",top_blocks=2,retrieval_block=8,query_group=8"]
+         LOCAL + ",top_blocks=2,retrieval_block=8,query_group=8",
+         LOCAL + ",top_blocks=2,retrieval_block=8,query_group=8,middle_order=kept"]
 
 
 def _logits(model, spec, ids, chunk=None):
@@ -117,7 +142,8 @@ def test_chunks_through_the_cache_equal_one_pass(spec):
     assert kept[first:] == [120] * (len(kept) - first) and all(n < 120 for n in kept[:first])
 
 
-@pytest.mark.parametrize("spec", [SPECS[0], LOCAL + ",top_blocks=2,retrieval_block=8,query_group=1"])
+@pytest.mark.parametrize("spec", [SPECS[0], LOCAL + ",top_blocks=2,retrieval_block=8,query_group=1",
+                                  LOCAL + ",top_blocks=2,retrieval_block=8,query_group=1,middle_order=kept"])
 def test_generate_keeps_the_middle_and_matches_greedy_one_pass(spec):
     """Decoding through the cache (block boxes kept in it and extended as blocks fill) == recomputing from scratch."""
     model, ids = tiny_model("llama", length=32), random_ids(60)
@@ -160,6 +186,9 @@ def test_a_bounded_cache_on_a_middle_layer_raises():
     ("top_k=2,middle_queries=first", "middle_queries must be one of"),
     ("top_blocks=2,retrieval_block=10,representatives=4", "multiple of"),
     ("top_k=-1", "non-negative"),
+    ("top_k=2,middle_order=kept", "needs top_blocks"),
+    ("top_blocks=2,middle_order=sideways", "middle_order must be one of"),
+    ("top_blocks=2,retrieval_block=16,middle_order=kept", r"middle_order 'kept'\) = 47 must not exceed"),
 ])
 def test_bad_options_say_what_is_accepted(options, message):
     model = tiny_model("llama", length=32)

@@ -16,7 +16,9 @@ distance, like the distance limit does for global keys:
   so the block holding a query's best key ranks at least as high as that key. The queries of one group (positions
   sharing `position // query_group`) pick the `top_blocks` blocks whose best box any of them scores highest, and
   attend to those blocks' middle keys. Per query the cost is O(blocks x representatives) for scoring, plus
-  top_blocks x block_size keys.
+  top_blocks x block_size keys. With `order="kept"` (ours) the selected blocks are not all read at one distance:
+  laid end to end in text order, the last key of the nearest one at `distance`, every earlier key one further back,
+  so the retrieved text keeps its word order (a passkey's digits with it).
 
 Every middle key must stay in the KV cache of the layers that use this (their cache is no longer constant in the
 context: O(n) keys per such layer, `lengthwise.attention.cache`); the other layers keep their bounded cache.
@@ -33,6 +35,7 @@ from lengthwise.attention.softmax import softmax_with_lse
 from lengthwise.rope.rotation import rotate, rotation_angles
 
 QUERY_MODES = ("all", "last")
+ORDER_MODES = ("none", "kept")  # blocks all at one distance, or laid end to end in text order (blocks only)
 SCORE_BUDGET = 1 << 23  # scores held at once by a query group (32 MiB of float32)
 
 
@@ -45,6 +48,7 @@ class MiddleRetrieval:
     representatives: int = 4  # bounding boxes per block
     query_group: int = 64  # queries sharing one block selection
     queries: str = "all"  # "all" | "last" (the official code: the last query of each forward call)
+    order: str = "none"  # "none" | "kept": the selected blocks end to end in text order, from `distance` back
 
     def __post_init__(self) -> None:  # messages name lm-infinite's options, which build this
         if (self.top_k > 0) == (self.top_blocks > 0):
@@ -55,6 +59,15 @@ class MiddleRetrieval:
                              f"({self.representatives})")
         if self.queries not in QUERY_MODES:
             raise ValueError(f"middle_queries must be one of {', '.join(QUERY_MODES)}, got {self.queries!r}")
+        if self.order not in ORDER_MODES:
+            raise ValueError(f"middle_order must be one of {', '.join(ORDER_MODES)}, got {self.order!r}")
+        if self.order == "kept" and not self.top_blocks:
+            raise ValueError("middle_order 'kept' lays whole blocks end to end: it needs top_blocks, not top_k")
+
+    @property
+    def farthest(self) -> int:
+        """Largest distance a middle key is scored at."""
+        return self.distance + (self.top_blocks * self.block_size - 1 if self.order == "kept" else 0)
 
 
 def head_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -85,6 +98,21 @@ def fixed_distance_bias(encoding, distance: int, heads: int, device) -> torch.Te
     if slopes is None:
         return torch.zeros(1, heads, 1, 1, device=device)
     return -slopes.float().to(device)[None, :, None, None] * distance
+
+
+def kept_order_behind(n_valid: torch.Tensor, size: int) -> torch.Tensor:
+    """Extra distance of each key of the selected blocks laid end to end (order "kept"): n_valid (B, H) eligible
+    blocks, which come first in text order -> (B, H, size) = n_valid * block_size - 1 - j for the j-th key (negative
+    for keys of blocks no query of the group may see, which are masked)."""
+    return n_valid[..., None] - 1 - torch.arange(size, device=n_valid.device)
+
+
+def alibi_key_bias(encoding, distance: torch.Tensor) -> torch.Tensor | float:
+    """Bias of keys at per-key distances (B, H, N) -> (B, H, 1, N) for ALiBi, 0 for RoPE."""
+    slopes = getattr(encoding, "slopes", None)
+    if slopes is None:
+        return 0.0
+    return (-slopes.float().to(distance.device)[None, :, None] * distance)[:, :, None, :]
 
 
 def check_sequence(k_pos: torch.Tensor, k_valid, method: str = "middle retrieval") -> None:
@@ -129,11 +157,12 @@ class BlockIndex:
         return self.lo[:, :, :blocks * R], self.hi[:, :, :blocks * R]
 
 
-def _attend_selected(qf, keys, values, key_pos, q_pos, n_local, scale, bias):
+def _attend_selected(qf, keys, values, key_pos, q_pos, n_local, scale, key_bias):
     """Softmax over the middle keys a query group selected. qf (B, H, g, D) at the fixed distance; keys/values
-    (B, H, S, D), keys anchored; key_pos (B, H, S); q_pos (B, g). Keys inside a query's window or after it are
-    masked. Returns out (B, H, g, D), lse (B, H, g)."""
-    scores = (qf @ keys.transpose(-1, -2)).float() * scale + bias[..., None]  # (B, H, g, S)
+    (B, H, S, D), keys anchored (or moved back by their extra distance); key_pos (B, H, S); q_pos (B, g); key_bias
+    broadcasts to (B, H, g, S). Keys inside a query's window or after it are masked. Returns out (B, H, g, D),
+    lse (B, H, g)."""
+    scores = (qf @ keys.transpose(-1, -2)).float() * scale + key_bias  # (B, H, g, S)
     scores = scores.masked_fill(q_pos[:, None, :, None] - key_pos[:, :, None] < n_local, float("-inf"))
     probs, lse = softmax_with_lse(scores)
     return probs.to(values.dtype) @ values, lse
@@ -171,10 +200,20 @@ def _top_blocks_group(qf, k, v, q_pos, lo, hi, n_global, n_local, middle, encodi
     # a block is eligible for a query when it holds one of its middle keys: its start is at least n_local back
     starts = n_global + S * torch.arange(blocks, device=qf.device)
     bound = bound.masked_fill(q_pos[:, None, :, None] - starts < n_local, float("-inf"))
-    chosen = bound.amax(2).topk(min(middle.top_blocks, blocks), dim=-1).indices  # (B, H, nsel)
+    best = bound.amax(2)  # (B, H, nb)
+    chosen = best.topk(min(middle.top_blocks, blocks), dim=-1).indices  # (B, H, nsel)
+    if middle.order == "kept":  # text order; blocks no query of the group may see (-inf) are the latest, so last
+        chosen = chosen.sort(-1).values
     index = (starts[chosen][..., None] + torch.arange(S, device=qf.device)).flatten(-2)  # (B, H, nsel * S)
-    keys = anchored(_gather_keys(k, index), index, encoding)  # (B, H, nsel * S, D)
-    return _attend_selected(qf, keys, _gather_keys(v, index), index, q_pos, n_local, scale, bias)
+    key_bias = bias[..., None]  # (1, H, 1, 1)
+    if middle.order == "kept":
+        n_valid = (best > float("-inf")).sum(-1).clamp(max=middle.top_blocks)  # (B, H)
+        behind = kept_order_behind(n_valid * S, index.shape[-1])  # (B, H, nsel * S)
+        keys = anchored(_gather_keys(k, index), index + behind, encoding)
+        key_bias = alibi_key_bias(encoding, middle.distance + behind.float())
+    else:
+        keys = anchored(_gather_keys(k, index), index, encoding)  # (B, H, nsel * S, D)
+    return _attend_selected(qf, keys, _gather_keys(v, index), index, q_pos, n_local, scale, key_bias)
 
 
 def middle_part(q, k, v, q_pos, k_pos, pattern, encoding, scale: float, index: BlockIndex | None = None):
@@ -254,6 +293,16 @@ def middle_selection_reference(q, k, q_pos, k_pos, pattern, encoding, scale: flo
         best = bound[:, :, rows].amax(2)  # (B, H, nb)
         chosen = best.topk(min(middle.top_blocks, blocks), dim=-1).indices  # (B, H, nsel)
         picked = torch.zeros(best.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
-        key_picked = picked.gather(-1, key_block.clamp(0, blocks - 1)[:, 0, 0][:, None].expand(-1, H, -1))  # B,H,Tk
+        key_block_h = key_block.clamp(0, blocks - 1)[:, 0, 0][:, None].expand(-1, H, -1)  # (B, H, Tk)
+        key_picked = picked.gather(-1, key_block_h)
         selected[:, :, rows] = candidate[:, :, rows] & key_picked[:, :, None] & in_blocks
+        if middle.order == "kept":  # each key further back by the selected keys after it (eligible blocks only)
+            valid = (picked & (best > float("-inf"))).long()  # (B, H, nb)
+            after = valid.flip(-1).cumsum(-1).flip(-1) - valid  # valid picked blocks later in the text
+            offset = (k_pos[:, None, :] - G).remainder(S)  # (B, 1, Tk)
+            behind = after.gather(-1, key_block_h) * S + S - 1 - offset  # (B, H, Tk)
+            moved = anchored(ka, behind, encoding)  # (B, H, Tk, D)
+            scores[:, :, rows] = (qf[:, :, rows] @ moved.transpose(-1, -2)) * scale \
+                + fixed_distance_bias(encoding, middle.distance, H, q.device) \
+                + alibi_key_bias(encoding, behind.float())
     return scores, selected

@@ -52,6 +52,8 @@ class LMInfiniteConfig:
                                          "--top_k_to_layer); default: all")
     middle_queries: str = option("all", "'all' queries, or only the 'last' of each forward call (as the official "
                                  "code) attend to the middle")
+    middle_order: str = option("none", "'none': every middle key at middle_distance; 'kept' (top_blocks): the "
+                               "selected blocks end to end in text order, the nearest key at middle_distance")
 
     def __post_init__(self) -> None:
         check_positive("lm-infinite", "n_global", self.n_global, allow_zero=True)
@@ -81,7 +83,7 @@ class LMInfiniteConfig:
 
     def middle(self, distance: int) -> MiddleRetrieval:
         return MiddleRetrieval(distance, self.top_k, self.top_blocks, self.retrieval_block, self.representatives,
-                               self.query_group, self.middle_queries)
+                               self.query_group, self.middle_queries, self.middle_order)
 
 
 def resolve(config: LMInfiniteConfig, pretrain_length: int) -> LambdaPattern:
@@ -100,9 +102,12 @@ def resolve_middle(config: LMInfiniteConfig, pattern: LambdaPattern, num_layers:
     if not (config.top_k or config.top_blocks):
         return None, range(0)
     distance = config.middle_distance or pattern.n_local
-    if distance > pattern.limit:
-        raise ValueError(f"lm-infinite middle_distance ({distance}) must not exceed distance_limit ({pattern.limit}): "
-                         "middle keys must appear at a distance seen in training")
+    middle = config.middle(distance)
+    if middle.farthest > pattern.limit:
+        spread = f" + top_blocks x retrieval_block - 1 (middle_order 'kept') = {middle.farthest}" \
+            if middle.order == "kept" else ""
+        raise ValueError(f"lm-infinite middle_distance ({distance}){spread} must not exceed distance_limit "
+                         f"({pattern.limit}): middle keys must appear at a distance seen in training")
     if config.top_blocks and config.retrieval_block > pattern.n_local:
         raise ValueError(f"lm-infinite retrieval_block ({config.retrieval_block}) must not exceed n_local "
                          f"({pattern.n_local})")
@@ -110,7 +115,7 @@ def resolve_middle(config: LMInfiniteConfig, pattern: LambdaPattern, num_layers:
         raise ValueError(f"lm-infinite middle_from_layer ({config.middle_from_layer}) must be below the model's "
                          f"{num_layers} layers")
     last = min(config.middle_to_layer or num_layers, num_layers)
-    return config.middle(distance), range(config.middle_from_layer, last)
+    return middle, range(config.middle_from_layer, last)
 
 
 @register(

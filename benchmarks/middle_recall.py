@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -81,7 +82,8 @@ def main() -> None:
     finally:
         middle_module._attend_selected = original
         handle.remove()
-    record = {"model": args.model, "length": args.length, "depth": args.depth, "seed": args.seed, "key": key,
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
+              "model": args.model, "length": args.length, "depth": args.depth, "seed": args.seed, "key": key,
               "method": args.method, "needle_span": needle_span, "steps": steps}
     atomic_write_text(Path(args.out), json.dumps(record, indent=1) + "\n")
 

@@ -100,11 +100,11 @@ def fixed_distance_bias(encoding, distance: int, heads: int, device) -> torch.Te
     return -slopes.float().to(device)[None, :, None, None] * distance
 
 
-def kept_order_behind(n_valid: torch.Tensor, size: int) -> torch.Tensor:
-    """Extra distance of each key of the selected blocks laid end to end (order "kept"): n_valid (B, H) eligible
-    blocks, which come first in text order -> (B, H, size) = n_valid * block_size - 1 - j for the j-th key (negative
-    for keys of blocks no query of the group may see, which are masked)."""
-    return n_valid[..., None] - 1 - torch.arange(size, device=n_valid.device)
+def kept_order_behind(valid_keys: torch.Tensor, size: int) -> torch.Tensor:
+    """Extra distance of each key of the selected blocks laid end to end (order "kept"): valid_keys (B, H), the keys
+    of the eligible blocks, which come first in text order -> (B, H, size) = valid_keys - 1 - j for the j-th key
+    (negative for keys of blocks no query of the group may see, which are masked)."""
+    return valid_keys[..., None] - 1 - torch.arange(size, device=valid_keys.device)
 
 
 def alibi_key_bias(encoding, distance: torch.Tensor) -> torch.Tensor | float:

@@ -201,6 +201,7 @@ def test_bad_options_say_what_is_accepted(options, message):
         api.patch(model, f"{LOCAL},{options}")
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers: ~15 s on the 2-core machine
 def test_middle_recall_benchmark_reports_the_needle_read_at_every_answer_step(tmp_path):
     """benchmarks/middle_recall.py on the tiny reference model: one record per answer token, per layer the share of
     query heads whose middle keys include the needle (measured: 0.69-0.88 on average over the layers)."""

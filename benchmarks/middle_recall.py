@@ -69,8 +69,12 @@ def main() -> None:
                 calls.clear()
                 piece = full[:len(ids)] if j == 0 else full[len(ids) + j - 1:len(ids) + j]
                 predicted = int(_step(model, piece, cache).argmax())
+                if len(calls) != layers:  # one selection per layer, else the layers below would be mislabelled
+                    raise SystemExit(f"middle_recall: needs one query group per layer and step "
+                                     f"(middle_queries=last, middle_from_layer=0, every layer retrieving); "
+                                     f"{args.method!r} made {len(calls)} selections for {layers} layers")
                 read = []  # per layer: share of query heads whose blocks hold part of the needle
-                for read_keys in calls[-layers:]:
+                for read_keys in calls:
                     hit = ((read_keys >= needle_span[0]) & (read_keys < needle_span[1])).any(-1)  # (H,)
                     read.append(round(float(hit.float().mean()), 3))
                 steps.append({"step": j, "predicted": tokenizer.decode([predicted]),

@@ -205,14 +205,12 @@ def _top_blocks_group(qf, k, v, q_pos, lo, hi, n_global, n_local, middle, encodi
     if middle.order == "kept":  # text order; blocks no query of the group may see (-inf) are the latest, so last
         chosen = chosen.sort(-1).values
     index = (starts[chosen][..., None] + torch.arange(S, device=qf.device)).flatten(-2)  # (B, H, nsel * S)
-    key_bias = bias[..., None]  # (1, H, 1, 1)
+    anchor_at, key_bias = index, bias[..., None]  # rotations undone to position 0; (1, H, 1, 1)
     if middle.order == "kept":
         n_valid = (best > float("-inf")).sum(-1).clamp(max=middle.top_blocks)  # (B, H)
         behind = kept_order_behind(n_valid * S, index.shape[-1])  # (B, H, nsel * S)
-        keys = anchored(_gather_keys(k, index), index + behind, encoding)
-        key_bias = alibi_key_bias(encoding, middle.distance + behind.float())
-    else:
-        keys = anchored(_gather_keys(k, index), index, encoding)  # (B, H, nsel * S, D)
+        anchor_at, key_bias = index + behind, alibi_key_bias(encoding, middle.distance + behind.float())
+    keys = anchored(_gather_keys(k, index), anchor_at, encoding)  # (B, H, nsel * S, D)
     return _attend_selected(qf, keys, _gather_keys(v, index), index, q_pos, n_local, scale, key_bias)
 
 
@@ -303,6 +301,5 @@ def middle_selection_reference(q, k, q_pos, k_pos, pattern, encoding, scale: flo
             behind = after.gather(-1, key_block_h) * S + S - 1 - offset  # (B, H, Tk)
             moved = anchored(ka, behind, encoding)  # (B, H, Tk, D)
             scores[:, :, rows] = (qf[:, :, rows] @ moved.transpose(-1, -2)) * scale \
-                + fixed_distance_bias(encoding, middle.distance, H, q.device) \
-                + alibi_key_bias(encoding, behind.float())
+                + alibi_key_bias(encoding, middle.distance + behind.float())
     return scores, selected

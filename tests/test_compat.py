@@ -25,6 +25,8 @@ def test_declared_range_is_the_tested_one_and_installed_release_is_inside():
     assert compat.version_supported(transformers.__version__), transformers.__version__
     pinned = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("transformers==")]
     assert len(pinned) == 1 and compat.version_supported(pinned[0].split("==")[1])
+    for page in ("README.md", "docs/compatibility.md"):  # the range the user reads first is the declared one
+        assert f"transformers `{compat.SUPPORTED_TRANSFORMERS}`" in (ROOT / page).read_text(), page
 
 
 def test_every_family_of_the_table_has_a_tiny_model():
@@ -62,6 +64,14 @@ def test_attention_that_never_sees_the_cache_raises(monkeypatch):
 
 def test_bounded_cache_layers_refuse_assisted_decoding():
     assert LambdaCacheLayer.is_croppable is False
+    # what a user meets: generate() with prompt lookup (assisted decoding) under a bounded cache refuses, naming the
+    # crop it would need, rather than decoding through a cache it cannot roll back (transformers asks is_croppable
+    # from 5.24; before, our layer's crop raises)
+    model = tiny_model("llama", length=16)
+    with api.patch(model, "lm-infinite", n_global=2, n_local=8) as handle:
+        with pytest.raises((ValueError, NotImplementedError), match="crop"):
+            model.generate(random_ids(30), max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=3,
+                           pad_token_id=0, **compat.cache_kwargs(model, handle.new_cache()))
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -31,7 +31,7 @@ import transformers
 from packaging.version import Version
 
 TRANSFORMERS_VERSION = transformers.__version__
-SUPPORTED_TRANSFORMERS = ">=5.20,<5.25"  # keep equal to pyproject's dependency (a test checks)
+SUPPORTED_TRANSFORMERS = ">=5.20,<5.26"  # keep equal to pyproject's dependency (a test checks)
 CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # model / attention forward keywords that carry the KV cache
 
 

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from lengthwise.cli import app
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.report.build import build_report, read_results
+from lengthwise.report.plots import legend_label
 from lengthwise.report.tasks import bench_tables, gen_quality_tables, passkey_accuracy, passkey_depth_tables
 from lengthwise.report.tasks import passkey_tables, task_tables
 
@@ -62,6 +63,18 @@ def test_passkey_runs_with_another_seed_are_pooled_as_more_trials():
     records = _passkey_records() + [_passkey("vanilla", 512, 0, 1, seed=1)]
     assert passkey_accuracy(records)[("vanilla", 512)] == (3, 6)
     assert "| 0% | 1.00 | 0.75 |" in passkey_depth_tables([r for r in records if r["method"] == "vanilla"])
+
+
+def test_legend_labels_shorten_file_paths_and_wrap_long_specs_at_commas():
+    assert legend_label("yarn:factor={s}") == "yarn:factor={s}"
+    spec = ("longrope:long_factors=docs/results/longrope_factors_smollm2-135m_s4.json,n_hat=0,factor=4,"
+            "attention_factor=1.07417,original_max_position_embeddings=8192")
+    label = legend_label(spec)
+    assert "docs/results" not in label and "long_factors=longrope_factors_smollm2-135m_s4.json" in label
+    lines = label.split("\n")  # broken only at commas; a line of several options stays within the width
+    assert len(lines) == 3 and all(line.endswith(",") for line in lines[:-1])
+    assert all(len(line) <= 49 for line in lines if line.count(",") > 1)
+    assert label.replace("\n", "") == spec.replace("docs/results/", "")  # nothing else lost or reordered
 
 
 def test_gen_quality_and_bench_tables():

@@ -26,6 +26,24 @@ def save_figure(fig, path: str | Path) -> None:
     _pyplot().close(fig)
 
 
+def legend_label(method: str, width: int = 48) -> str:
+    """A method spec as a legend entry: an option value that is a file path is shortened to the file's name (the
+    tables keep the whole spec), and the spec is wrapped at its commas to `width` characters, so that a long spec
+    (a LongRoPE factors file, a middle-retrieval setting) cannot cover the plot."""
+    parts = []
+    for part in method.split(","):
+        name, sep, value = part.partition("=")
+        parts.append(f"{name}{sep}{value.rsplit('/', 1)[-1]}")
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 1 + len(part) > width:
+            lines[-1] += ","
+            lines.append(part)
+        else:
+            lines[-1] += "," + part
+    return "\n".join(lines)
+
+
 def plot_nll_by_position(records: list[dict], path: str | Path, title: str = "") -> None:
     """NLL by position at the longest length of each (model, data, method); a dashed line at the training length."""
     plt = _pyplot()
@@ -42,7 +60,7 @@ def plot_nll_by_position(records: list[dict], path: str | Path, title: str = "")
         buckets = record["nll_by_position"]
         edges, values = buckets["edges"], buckets["mean_nll"]
         centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])][: len(values)]
-        ax.plot(centres, values, marker=".", label=method)
+        ax.plot(centres, values, marker=".", label=legend_label(method))
         pretrain = record.get("pretrain_length", pretrain)
     if pretrain:
         ax.axvline(pretrain, color="grey", linestyle="--", linewidth=1, label=f"training length {pretrain}")
@@ -50,6 +68,6 @@ def plot_nll_by_position(records: list[dict], path: str | Path, title: str = "")
     ax.set_xlabel("token position")
     ax.set_ylabel("mean NLL (nats/token)")
     ax.set_title(title or "NLL by position")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a curve
     ax.grid(alpha=0.3)
     save_figure(fig, path)

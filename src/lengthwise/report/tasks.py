@@ -10,7 +10,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lengthwise.report.plots import _pyplot, save_figure
+from lengthwise.report.plots import _pyplot, legend_label, save_figure
 from lengthwise.report.tables import markdown_table, ppl_table
 
 TASKS = ("ppl", "passkey", "gen-quality", "bench", "ruler")
@@ -129,7 +129,7 @@ def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
         grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
         image = _heat_panel(ax, grid, lengths, ".1f")
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
-        ax.set_title(method, fontsize=9)
+        ax.set_title(legend_label(method), fontsize=9)
         if index // columns == lines - 1 or index + columns >= len(methods):  # bottom panel of its column
             ax.set_xlabel("length (tokens)", fontsize=8)
         if index % columns == 0:
@@ -151,7 +151,7 @@ def plot_passkey_by_length(records: list[dict], path: str | Path) -> None:
         totals = passkey_accuracy(rows)
         for method in _methods(rows):
             points = sorted((n, c / t) for (m, n), (c, t) in totals.items() if m == method and t)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=legend_label(method))
         pretrain = rows[0].get("pretrain_length", pretrain)
     if pretrain:
         ax.axvline(pretrain, color="grey", linestyle="--", linewidth=1, label=f"training length {pretrain}")
@@ -192,7 +192,7 @@ def plot_gen_quality(records: list[dict], path: str | Path) -> None:
         for metric, ax in zip(("bleu", "rougeL"), ax_row):
             for method in _methods(rows):
                 points = sorted((r["length"], r["metrics"][metric]) for r in rows if r["method"] == method)
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=legend_label(method))
             pretrain = rows[0].get("pretrain_length")
             if pretrain:
                 ax.axvline(pretrain, color="grey", linestyle="--", linewidth=1)
@@ -241,7 +241,7 @@ def plot_bench(records: list[dict], path: str | Path) -> None:
         for (key, label, _), ax in zip(BENCH_METRICS, ax_row):
             for method in _methods(rows):
                 points = sorted((r["length"], r["metrics"][key]) for r in rows if r["method"] == method)
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=legend_label(method))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("length (tokens)")
@@ -315,7 +315,7 @@ def plot_ruler_heatmap(records: list[dict], path: str | Path) -> None:
                 for t in tasks]
         image = _heat_panel(ax, grid, lengths, ".2f")
         ax.set_yticks(range(len(tasks)), tasks if index == 0 else [""] * len(tasks), fontsize=7)
-        ax.set_title(method, fontsize=9)
+        ax.set_title(legend_label(method), fontsize=9)
         ax.set_xlabel("length (tokens)", fontsize=8)
     fig.suptitle(f"RULER-style recall, {model}, haystack {data}", fontsize=10)
     if image is not None:

@@ -75,6 +75,11 @@ def test_legend_labels_shorten_file_paths_and_wrap_long_specs_at_commas():
     assert len(lines) == 3 and all(line.endswith(",") for line in lines[:-1])
     assert all(len(line) <= 49 for line in lines if line.count(",") > 1)
     assert label.replace("\n", "") == spec.replace("docs/results/", "")  # nothing else lost or reordered
+    # a combination keeps every method and option; a `[..]` list is never broken inside
+    combined = "yarn:factor=4+longrope:long_factors=results/search/factors.json,n_hat=[1,2,3],factor=4"
+    combined_label = legend_label(combined, width=20)
+    assert combined_label.replace("\n", "") == combined.replace("results/search/", "")
+    assert "n_hat=[1,2,3]," in combined_label.split("\n")  # whole, on a line of its own at this width
 
 
 def test_gen_quality_and_bench_tables():

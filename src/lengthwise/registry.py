@@ -156,7 +156,7 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
         name, _, options = piece.partition(":")
         kwargs: dict[str, Any] = {}
         if options:
-            for item in _split_options(options):
+            for item in split_options(options):
                 key, eq, value = item.partition("=")
                 if not eq:
                     raise ValueError(f"option {item!r} in {piece!r} is not key=value")
@@ -166,7 +166,7 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     return parts
 
 
-def _split_options(options: str) -> list[str]:
+def split_options(options: str) -> list[str]:
     """Split on commas outside brackets, so `factors=[1,2,3]` stays whole."""
     items, depth, current = [], 0, ""
     for char in options:

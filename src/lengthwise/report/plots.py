@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lengthwise.registry import split_options
+
 
 def _pyplot():
     import matplotlib  # noqa: PLC0415
@@ -28,19 +30,23 @@ def save_figure(fig, path: str | Path) -> None:
 
 def legend_label(method: str, width: int = 48) -> str:
     """A method spec as a legend entry: an option value that is a file path is shortened to the file's name (the
-    tables keep the whole spec), and the spec is wrapped at its commas to `width` characters, so that a long spec
-    (a LongRoPE factors file, a middle-retrieval setting) cannot cover the plot."""
-    parts = []
-    for part in method.split(","):
-        name, sep, value = part.partition("=")
-        parts.append(f"{name}{sep}{value.rsplit('/', 1)[-1]}")
-    lines = [parts[0]]
-    for part in parts[1:]:
-        if len(lines[-1]) + 1 + len(part) > width:
-            lines[-1] += ","
-            lines.append(part)
+    tables keep the whole spec), and the spec is wrapped between its options (at a ',' or a '+', never inside a
+    `[..]` list) to `width` characters, so that a long spec (a LongRoPE factors file, a middle-retrieval setting)
+    cannot cover the plot. Options are split as `registry.parse_method_spec` splits them."""
+    tokens = []  # (separator before it, text): one per option, the method name riding on its first option
+    for index, piece in enumerate(method.split("+")):
+        name, colon, options = piece.partition(":")
+        items = [f"{key}{eq}{value.rsplit('/', 1)[-1]}"
+                 for key, eq, value in (item.partition("=") for item in split_options(options))] or [""]
+        tokens.append(("+" if index else "", f"{name}{colon}{items[0]}"))
+        tokens += [(",", item) for item in items[1:]]
+    lines = [tokens[0][1]]
+    for separator, text in tokens[1:]:
+        if len(lines[-1]) + len(separator) + len(text) > width:
+            lines[-1] += separator
+            lines.append(text)
         else:
-            lines[-1] += "," + part
+            lines[-1] += separator + text
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from lengthwise import api
 from lengthwise.data.corpus import documents_of_length, load_corpus
 from lengthwise.eval.results import ResultsFile, cell_key
 from lengthwise.eval.tasks import resolve_spec
-from lengthwise.io import atomic_write_json
+from lengthwise.io import atomic_write_json, read_jsonl
 from lengthwise.models.families import model_info
 
 METHODS = ("vanilla", "lm-infinite", "yarn:factor={s}", "dynamic-ntk")
@@ -93,7 +93,7 @@ def main() -> None:
             print(json.dumps(done), flush=True)
     reference = {r["method"]: r["ppl"] for r in rows if r["dtype"] == "float32"}
     for path in args.float32_from if args.docs == 1 else ():
-        for record in ResultsFile(path).records:
+        for record in read_jsonl(path):  # read only: no lock
             if record.get("data") == args.data and record.get("length") == args.length:
                 for method in args.methods.split(","):
                     spec = resolve_spec(method, args.length, record["pretrain_length"])

@@ -59,7 +59,9 @@ def main() -> None:
         check_memory(model, lengths, methods, logits=8)
         passkey(model, tokenizer, lengths, depths, methods, trials=args.trials, seed=args.seed,
                 results=ResultsFile(args.out), model_name=args.model)
-    latest = {r["key"]: r for r in ResultsFile(args.out).records}  # a rerun cell's later record wins
+    from lengthwise.io import read_jsonl  # noqa: PLC0415
+
+    latest = {r["key"]: r for r in read_jsonl(args.out)}  # a rerun cell's later record wins
     records = [r for r in latest.values() if r.get("model") == args.model and r["method"] in methods]
     records.sort(key=lambda r: (methods.index(r["method"]), r["length"], r["depth"]))
     out = Path(args.out)

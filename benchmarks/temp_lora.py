@@ -113,6 +113,7 @@ def timing(model, corpus_doc, tokens: int, reps: int, chosen_arms: dict, args) -
 
     from lengthwise.eval.results import make_record  # noqa: PLC0415
     from lengthwise.io import append_jsonl  # noqa: PLC0415
+    from lengthwise.locks import OutputLock  # noqa: PLC0415
     from lengthwise.temp_lora import TempLoraSession  # noqa: PLC0415
 
     data_name, chosen = corpus_doc
@@ -141,7 +142,8 @@ def timing(model, corpus_doc, tokens: int, reps: int, chosen_arms: dict, args) -
                              method=f"temp-lora:{arm}", method_config=asdict(chosen_arms[arm]),
                              data=data_name, seed=0, metrics=metrics, arm=arm, doc=name)
         if args.timing_out:
-            append_jsonl(args.timing_out, record)
+            with OutputLock(args.timing_out):  # one writer at a time, as ResultsFile
+                append_jsonl(args.timing_out, record)
         rows.append([arm, f"{best['flops_per_token'] / 1e6:.1f}", change(best["flops_per_token"], runs[names[0]][0]["flops_per_token"]),
                      f"{best['wall_ms_per_token']:.2f}", change(best["wall_ms_per_token"], base)])
     print(json.dumps({"timing_doc": name, "tokens": len(ids)}))

@@ -73,7 +73,7 @@ def _read(path: Path):
     if path.suffix == ".json":
         return json.loads(path.read_text())
     if path.suffix == ".pt":
-        return torch.load(path, weights_only=False)  # our own files (a streaming checkpoint holds a cache object)
+        return torch.load(path, weights_only=True)  # every torch file lengthwise writes is plain data
     if path.suffix in UNCOMPARED:
         return None
     return path.read_text()

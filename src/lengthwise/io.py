@@ -1,4 +1,4 @@
-"""Atomic writes: nothing half-written is ever left behind."""
+"""Atomic writes (nothing half-written is ever left behind), and reading torch files without unpickling code."""
 
 from __future__ import annotations
 
@@ -36,6 +36,27 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def load_torch_file(path: str | Path, what: str = "checkpoint", remedy: str = "delete it to start over") -> Any:
+    """`torch.load(path, weights_only=True)`: tensors, plain containers (dict, list, tuple), numbers, strings, dtypes
+    and devices only, never an object whose unpickling runs code. Anything else, or a file that cannot be read
+    (torn, foreign), is a ValueError in one line: `{what} {path} ...; {remedy}`."""
+    import pickle  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        found = found.split("Unsupported global:")[-1].split(" was not")[0].strip()
+        raise ValueError(f"{what} {path} holds more than tensors and plain containers ({found or 'an object'}); "
+                         f"lengthwise does not unpickle code from files (torch.load weights_only=True): {remedy}"
+                         ) from None
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file: one line, not a traceback
+        message = " ".join(str(err).split())[:200]
+        raise ValueError(f"{what} {path} cannot be read ({type(err).__name__}: {message}); {remedy}") from None
+
+
 def drop_torn_tail(path: Path) -> None:
     """Cut a torn last line (no final newline: its writer was killed mid-write) off the file, so the next record
     starts on a line of its own instead of being glued to the fragment."""
@@ -58,10 +79,14 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     line = json.dumps(record, sort_keys=True) + "\n"
     if path.exists():
         drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:  # a full disk, a quota: name the file; what was torn is cut off by the next append
+        raise OSError(err.errno, f"{err.strerror or err} (the record was not saved; the records before it are "
+                      "intact, a torn last line is dropped on the next run)", str(path)) from err
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

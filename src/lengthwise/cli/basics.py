@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods, check_methods_fit, parse_int_list
-from lengthwise.cli.outputs import check_out_file, check_results
+from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 from lengthwise.cli.tasks import RayOption, ThreadsOption, WorkersOption, cell_pool
 
 console = Console()
@@ -64,6 +64,7 @@ def ppl_command(
     ray: RayOption = None,
     workers: WorkersOption = 2,
     threads: ThreadsOption = 0,
+    no_wait: NoWaitOption = False,
 ) -> None:
     """Perplexity by length for one or more methods: table, JSON lines, NLL-by-position plot. With --stream-tokens:
     perplexity of one long stream through each method's bounded cache, NLL by position bucket, resumable."""
@@ -72,7 +73,7 @@ def ppl_command(
             raise typer.BadParameter("--ray runs cells of lengths and methods; the streaming mode (--stream-tokens) "
                                      "is one stream per method: run it without --ray")
         _ppl_stream(model, data, method, chunk_size, out, plot, quiet, stream_tokens, buckets, bucket_scale,
-                    checkpoint_every, stop_after_chunks)
+                    checkpoint_every, stop_after_chunks, not no_wait)
         return
     from lengthwise.api import load_model  # noqa: PLC0415
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
@@ -84,13 +85,13 @@ def ppl_command(
     length_list = parse_int_list(lengths)
     check_methods(method)
     check_methods_fit(model, method)
-    check_results(out, "ppl")
+    check_results(out, "ppl", wait=not no_wait)
     check_out_file(plot, "--plot")
     documents = load_corpus(data)
     pool = cell_pool(ray, workers, threads, model)
     lm, tokenizer = load_model(model)
     records = perplexity(lm, tokenizer, documents, length_list, method, max_docs=max_docs,
-                         chunk_size=chunk_size or None, results=ResultsFile(out), model_name=model,
+                         chunk_size=chunk_size or None, results=ResultsFile(out, wait=not no_wait), model_name=model,
                          data_name=data, progress=not quiet, pool=pool)
     console.print(ppl_table(records, markdown=False))
     skipped = {r["length"]: r["metrics"]["skipped"] for r in records}
@@ -103,7 +104,7 @@ def ppl_command(
 
 def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out: Path, plot: Path | None, quiet: bool,
                 stream_tokens: str, buckets: int, bucket_scale: str, checkpoint_every: str | None,
-                stop_after_chunks: int | None) -> None:
+                stop_after_chunks: int | None, wait: bool = True) -> None:
     """`lengthwise ppl --stream-tokens N`: lengthwise.eval.streaming over the joined documents of --data."""
     import sys  # noqa: PLC0415
 
@@ -121,7 +122,7 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
         reason = streaming.unbounded_reason(spec)
         if reason:
             raise typer.BadParameter(reason)
-    check_results(out, "ppl")
+    check_results(out, "ppl", wait=wait)
     check_out_file(plot, "--plot")
     sources = streaming.stream_sources(data)
     if n_tokens > streaming.EXACT_FLOAT32_POSITIONS:
@@ -134,7 +135,7 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
     from lengthwise.report.tables import ppl_table  # noqa: PLC0415
 
     lm, tokenizer = load_model(model)
-    results = ResultsFile(out)
+    results = ResultsFile(out, wait=wait)
     checkpoints = out.with_name(out.stem + ".stream")
     records = []
     for spec in methods:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import app
-from lengthwise.cli.outputs import check_out_dir, check_results
+from lengthwise.cli.outputs import NoWaitOption, check_out_dir, check_results
 
 lab_app = typer.Typer(help="Position-encoding lab: train small models with each encoding, compare extrapolation.",
                       no_args_is_help=True)
@@ -87,6 +87,7 @@ def compare_command(
     out: Path = typer.Option(Path("results/lab/compare"), help="folder for results.jsonl, table.md, ppl.png"),
     threads: int = typer.Option(0, help="torch threads (0: default)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    no_wait: NoWaitOption = False,
 ) -> None:
     """PPL of every variant at 1x..16x the training length; writes JSON lines, a Markdown table and a plot."""
     from lengthwise.lab.compare import compare, default_variants, parse_variant  # noqa: PLC0415
@@ -108,11 +109,11 @@ def compare_command(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     check_out_dir(out)
-    check_results(out / "results.jsonl", "ppl", "--out")
+    check_results(out / "results.jsonl", "ppl", "--out", wait=not no_wait)
     if threads:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(threads)
     compare(models, names, factor_list, data, max_docs, out / "results.jsonl", out / "table.md", out / "ppl.png",
-            progress=not quiet, position_plot=out / "nll_by_position.png")
+            progress=not quiet, position_plot=out / "nll_by_position.png", wait=not no_wait)
     typer.echo((out / "table.md").read_text())

@@ -3,7 +3,9 @@
 `check_out_file` / `check_out_dir`: the output path can be created and written (the parent folder is created now),
 or the command stops with one line naming the option. `check_results`: a JSON-lines results file to append to (and
 resume from) holds this command's records only; a torn last line (a killed writer) is dropped with a warning, any
-other line that is not a record refuses the file.
+other line that is not a record refuses the file. `check_results` and `lock_output` also lock the output
+(`lengthwise.locks`) for the rest of the command, before the model loads: a second run on the same output waits
+for the first one and then skips what it finished, or, with `--no-wait`, stops with one line naming it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,46 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 RECORD_FIELDS = ("task", "key", "model", "method", "metrics")  # what every record of eval/results.py carries
+
+NoWaitOption = Annotated[bool, typer.Option(
+    "--no-wait", help="when another run is writing the same output, stop at once naming it (pid, host), instead of "
+    "waiting for it and then skipping what it finished")]
+
+
+def _current_context():
+    """The click context of the running command, or None: recent typer releases run their own copy of click
+    (`typer._click`), older ones the `click` package."""
+    import importlib  # noqa: PLC0415
+
+    for name in ("typer._click.globals", "click"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        ctx = module.get_current_context(silent=True)
+        if ctx is not None:
+            return ctx
+    return None
+
+
+def lock_output(path: Path, wait: bool = True) -> Path:
+    """Lock `path` (a results file or an output folder) until the command ends; another run holding it: wait for
+    it, or (`wait` False) stop with one line naming it. Outside a command (no click context) the lock is only
+    tested here and taken again by the writer itself (`ResultsFile`, the search)."""
+    from lengthwise import locks  # noqa: PLC0415
+
+    token = locks.acquire(path, wait=wait)
+    ctx = _current_context()
+    if ctx is None:
+        locks.release(path, token)
+    else:  # the command is over, failed or not: its output is free, whatever still refers to it
+        ctx.call_on_close(lambda: locks.release_all(path))
+    return path
 
 
 def _fail(option: str, path: Path, why: str) -> None:
@@ -104,8 +142,10 @@ def read_records(path: Path, option: str, tasks: Iterable[str] | None = None) ->
     return records
 
 
-def check_results(path: Path, task: str, option: str = "--out") -> Path:
-    """The results file a `task` command appends to: writable, and holding only `task` records so far."""
+def check_results(path: Path, task: str, option: str = "--out", wait: bool = True) -> Path:
+    """The results file a `task` command appends to: writable, locked for this command (`lock_output`), and holding
+    only `task` records so far."""
     check_out_file(path, option)
+    lock_output(path, wait)
     read_records(path, option, (task,))
     return path

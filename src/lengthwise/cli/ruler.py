@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from lengthwise.cli.app import MODEL_HELP, app, check_methods_fit
-from lengthwise.cli.outputs import check_out_file, check_results
+from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 from lengthwise.cli.tasks import (SCALED_HELP, RayOption, ThreadsOption, WorkersOption, _checked, _parse_numbers,
                                   cell_pool)
 
@@ -32,6 +32,7 @@ def ruler_command(
     ray: RayOption = None,
     workers: WorkersOption = 2,
     threads: ThreadsOption = 0,
+    no_wait: NoWaitOption = False,
 ) -> None:
     """RULER-style tasks (needle variants, variable tracking, common words): recall by (method, task, length)."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -46,7 +47,7 @@ def ruler_command(
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
     check_methods_fit(model, method)
-    check_results(out, "ruler")
+    check_results(out, "ruler", wait=not no_wait)
     check_out_file(plot, "--plot")
     text = None
     if haystack != "filler":
@@ -56,7 +57,7 @@ def ruler_command(
     pool = cell_pool(ray, workers, threads, model)
     lm, tokenizer = load_model(model)
     records = ruler(lm, tokenizer, task_list, length_list, depth_list, method, samples=samples, seed=seed,
-                    haystack=text, haystack_name=haystack, results=ResultsFile(out), model_name=model,
+                    haystack=text, haystack_name=haystack, results=ResultsFile(out, wait=not no_wait), model_name=model,
                     progress=not quiet, pool=pool)
     console.print(ruler_tables(records))
     plot = plot or out.with_suffix(".png")

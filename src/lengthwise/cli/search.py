@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import MODEL_HELP, app
-from lengthwise.cli.outputs import check_out_dir
+from lengthwise.cli.outputs import NoWaitOption, check_out_dir, lock_output
 
 
 @app.command("search")
@@ -37,6 +37,7 @@ def search_command(
                                     help="evaluate on Ray: 'local' starts one here, or a cluster address"),
     workers: int = typer.Option(2, min=1, help="Ray workers (one model copy each)"),
     threads: int = typer.Option(None, min=1, help="torch threads per evaluation (equal => serial == Ray)"),
+    no_wait: NoWaitOption = False,
 ) -> None:
     """Search LongRoPE rescale factors λ_i (monotone, grid 0.01, in [1, 1.25 s]) and n_hat; fitness = perplexity."""
     from dataclasses import replace  # noqa: PLC0415
@@ -59,6 +60,7 @@ def search_command(
         raise typer.BadParameter(str(err)) from None
     short_config = replace(config, iterations=short_iterations) if short_iterations else None
     check_out_dir(out)
+    lock_output(out, not no_wait)  # before the model loads; the search resumes what another run checkpointed
     if not ray_address:
         typer.echo("fitness evaluations run serially in this process" +
                    ("" if ray_available() else " (Ray is not installed; pip install 'lengthwise[ray]' for --ray-address)"))
@@ -75,7 +77,7 @@ def search_command(
                           max_docs=docs, max_factor=max_factor, attention=attention_factor, short_length=short_length,
                           short_max_factor=short_max_factor, short_evolution=short_config, previous=previous,
                           out_dir=out, ray_address=ray_address, workers=workers, threads=threads,
-                          model_name=model, on_generation=show)
+                          model_name=model, on_generation=show, wait=not no_wait)
     except (ValueError, ImportError) as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"long factors (s={result.scale:g}, {result.target_length} tokens): ppl {result.long.ppl:.4f} "

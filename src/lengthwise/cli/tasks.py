@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods_fit
-from lengthwise.cli.outputs import check_out_file, check_results
+from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 
 console = Console()
 
@@ -85,6 +85,7 @@ def passkey_command(
     ray: RayOption = None,
     workers: WorkersOption = 2,
     threads: ThreadsOption = 0,
+    no_wait: NoWaitOption = False,
 ) -> None:
     """Passkey retrieval accuracy by (method, length, depth): table, JSON lines, heat-map."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -97,13 +98,13 @@ def passkey_command(
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
     check_methods_fit(model, method)
-    check_results(out, "passkey")
+    check_results(out, "passkey", wait=not no_wait)
     check_out_file(plot, "--plot")
     pool = cell_pool(ray, workers, threads, model)
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), logits=8)
     records = passkey(lm, tokenizer, length_list, depth_list, method, trials=trials, seed=seed,
-                      results=ResultsFile(out), model_name=model, progress=not quiet, pool=pool)
+                      results=ResultsFile(out, wait=not no_wait), model_name=model, progress=not quiet, pool=pool)
     _print_tables(records)
     plot = plot or out.with_suffix(".png")
     plot_passkey_heatmap(records, plot)
@@ -123,6 +124,7 @@ def gen_quality_command(
     out: Path = typer.Option(Path("results/gen_quality.jsonl"), help="JSON-lines results (appended; finished skipped)"),
     plot: Path = typer.Option(None, help="PNG of BLEU and ROUGE-L by prefix length (default: next to --out)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    no_wait: NoWaitOption = False,
 ) -> None:
     """BLEU and ROUGE-L of 100 greedy tokens after an N-token prefix, by (method, N)."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -135,15 +137,15 @@ def gen_quality_command(
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 1, "prefix length")
     _checked(check_specs, method)
     check_methods_fit(model, method)
-    check_results(out, "gen-quality")
+    check_results(out, "gen-quality", wait=not no_wait)
     check_out_file(plot, "--plot")
     documents = _checked(load_corpus, data)
     lm, tokenizer = load_model(model)
     _checked(check_memory, lm, [n + new_tokens for n in length_list], method, limit_bytes=gib(memory_limit_gib),
              logits=1)
     records = _checked(gen_quality, lm, tokenizer, documents, length_list, method, new_tokens=new_tokens,
-                       max_docs=max_docs, results=ResultsFile(out), model_name=model, data_name=data, seed=seed,
-                       progress=not quiet)
+                       max_docs=max_docs, results=ResultsFile(out, wait=not no_wait), model_name=model, data_name=data,
+                       seed=seed, progress=not quiet)
     _print_tables(records)
     plot = plot or out.with_suffix(".png")
     plot_gen_quality(records, plot)
@@ -171,6 +173,7 @@ def bench_command(
     memory_limit_gib: float = typer.Option(0.0, min=0.0, help=MEMORY_HELP),
     out: Path = typer.Option(Path("results/bench.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    no_wait: NoWaitOption = False,
 ) -> None:
     """Prefill latency, per-token decode latency and peak memory by (method, length), in one run."""
     import torch  # noqa: PLC0415
@@ -188,7 +191,7 @@ def bench_command(
         raise typer.BadParameter(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N")
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 2, "bench length")
     _checked(check_specs, method)
-    check_results(out, "bench")
+    check_results(out, "bench", wait=not no_wait)
     if threads:
         torch.set_num_threads(threads)
     if model == "llama":
@@ -202,7 +205,7 @@ def bench_command(
         lm, _ = load_model(model, dtype=dtypes[dtype], device=device)
         model_name = model
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), device=device, logits=1)
-    records = bench(lm, length_list, method, decode_steps=decode_steps, seed=seed, results=ResultsFile(out),
-                    model_name=model_name, progress=not quiet)
+    records = bench(lm, length_list, method, decode_steps=decode_steps, seed=seed,
+                    results=ResultsFile(out, wait=not no_wait), model_name=model_name, progress=not quiet)
     _print_tables(records)
     console.print(f"results: {out}")

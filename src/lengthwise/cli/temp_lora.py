@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import MODEL_HELP, app, parse_int_list
-from lengthwise.cli.outputs import check_results
+from lengthwise.cli.outputs import NoWaitOption, check_results
 
 temp_lora_app = typer.Typer(help="Temp-LoRA (seed 003): a temporary LoRA trained at inference time on the text read.",
                             no_args_is_help=True)
@@ -66,6 +66,7 @@ def eval_command(
     buckets: str = typer.Option("1024,2048,4096,8192", help="context-position bucket edges (tokens)"),
     baseline: bool = typer.Option(True, help="also run the same windows without the LoRA"),
     out: Path = typer.Option(Path("results/temp_lora.jsonl"), help="JSON-lines results (resumable)"),
+    no_wait: NoWaitOption = False,
 ) -> None:
     """Score each chunk, then train the LoRA on it; report PPL by context position against no LoRA."""
     from dataclasses import replace  # noqa: PLC0415
@@ -80,7 +81,7 @@ def eval_command(
     config = build_config(chunk, window, keep, rank, alpha, targets, lr, steps, reuse_cache)
     method = check_window_method(method)
     edges = (0, *parse_int_list(buckets, "bucket edges"))
-    check_results(out, "temp-lora")
+    check_results(out, "temp-lora", wait=not no_wait)
     try:
         documents = load_corpus(data)
     except (ValueError, FileNotFoundError) as err:
@@ -91,7 +92,7 @@ def eval_command(
         docs = select_documents(documents, tokenizer, max_docs, max_tokens or None, min_tokens, not corpus_order)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    results = ResultsFile(out)
+    results = ResultsFile(out, wait=not no_wait)
     common = dict(method=method, results=results, model_name=model, data_name=data, edges=edges)
     lora = pool(run_arm(lm, docs, config, arm="lora", **common))
     typer.echo(f"{len(docs)} documents, {lora['tokens']} scored tokens; chunk {chunk}, window {window}")

@@ -1,13 +1,16 @@
 """Text corpora: the embedded stdlib default, PG19 from ../shared/data, local files, HF datasets.
 
 Every corpus is a list of `Document(name, text)`; nothing is copied into the repository, the text is
-read at run time.
+read at run time. Local files that are not text (random bytes, a binary named .txt) are skipped with a warning
+naming them, and a corpus with no text left is refused (`non_text_reason`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,57 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+NON_TEXT_SHARE = 0.01  # a file with more than this share of undecodable bytes (or of control characters) is not text
+TEXT_SAMPLE_BYTES = 1 << 16  # what `is_text_file` reads of a file (the streaming mode reads files only at run time)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")  # C0 controls but tab, newline, form feed, carriage return
+
+
+def non_text_reason(data: bytes) -> str | None:
+    """Why these bytes are not text (None when they are): a NUL byte; more than `NON_TEXT_SHARE` of them not
+    decodable as UTF-8 (each becomes a replacement character); or more than that share of control characters."""
+    if not data:
+        return None
+    if b"\x00" in data:
+        return "it holds NUL bytes"
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - data.count("\ufffd".encode())  # not the ones the file itself holds
+    if undecodable > NON_TEXT_SHARE * len(data):
+        return f"{undecodable / len(data):.0%} of its bytes are not UTF-8"
+    controls = len(_CONTROL.findall(text))
+    if controls > NON_TEXT_SHARE * len(text):
+        return f"{controls / len(text):.0%} of its characters are control characters"
+    return None
+
+
+def warn_skipped(skipped: list[tuple[str, str]], where: str) -> None:
+    """One warning line on stderr naming the files skipped as not text (the first 10, then a count)."""
+    if not skipped:
+        return
+    names = ", ".join(f"{name} ({why})" for name, why in skipped[:10])
+    more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    print(f"warning: {where}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+          f"{'are' if len(skipped) > 1 else 'is'} not text: {names}{more}", file=sys.stderr, flush=True)
+
+
+def no_text_left(where: str, skipped: list[tuple[str, str]]) -> ValueError:
+    """The one-line refusal of a file (`where` = "file PATH") or folder ("folder PATH") with no text in it."""
+    name, why = skipped[0]
+    rule = (f"a file with NUL bytes, or more than {NON_TEXT_SHARE:.0%} of its bytes undecodable as UTF-8 or control "
+            "characters, is not text; give UTF-8 text files")
+    if where.startswith("file "):
+        return ValueError(f"{where} is not text ({why}); {rule}")
+    count = f"its {len(skipped)} files are" if len(skipped) > 1 else "its one file is"
+    return ValueError(f"{where} holds no text: {count} not text ({name}: {why}"
+                      f"{', ...' if len(skipped) > 1 else ''}); {rule}")
+
+
+def is_text_file(path: Path) -> str | None:
+    """`non_text_reason` of the first `TEXT_SAMPLE_BYTES` of a file (a multi-byte character cut at the end of the
+    sample counts as at most 3 bad bytes)."""
+    with open(path, "rb") as handle:
+        return non_text_reason(handle.read(TEXT_SAMPLE_BYTES))
+
+
 def stdlib_corpus(split: str = "heldout") -> list[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     return [Document(p.relative_to(root).as_posix(), _read(p)) for p in stdlib_files(split)]
@@ -73,16 +127,39 @@ def pg19_corpus(split: str = "dev") -> list[Document]:
     return [Document(f"pg19/{split}/{p.name}", _read(p)) for p in sorted(folder.glob("*.txt"))]
 
 
+def _read_local(path: Path) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why it is not text): the bytes are read once."""
+    data = path.read_bytes()
+    why = non_text_reason(data)
+    return (None, why) if why else (data.decode("utf-8", errors="replace"), None)
+
+
 def local_corpus(path: str | Path) -> list[Document]:
-    """A text file, or every .txt/.md/.py file under a folder."""
+    """A text file, or every .txt/.md/.py file under a folder. Files that are not text (`non_text_reason`: NUL
+    bytes, or over 1% undecodable bytes or control characters) are skipped with one warning line naming them; a
+    file or folder with no text left is refused (ValueError)."""
     path = Path(path)
     if path.is_file():
-        return [Document(path.name, _read(path))]
+        text, why = _read_local(path)
+        if why:
+            raise no_text_left(f"file {path}", [(path.name, why)])
+        return [Document(path.name, text)]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".py") and p.is_file())
         if not files:
             raise ValueError(f"folder {path} holds no .txt, .md or .py files")
-        return [Document(p.relative_to(path).as_posix(), _read(p)) for p in files]
+        docs, skipped = [], []
+        for p in files:
+            name = p.relative_to(path).as_posix()
+            text, why = _read_local(p)
+            if why:
+                skipped.append((name, why))
+            else:
+                docs.append(Document(name, text))
+        if not docs:
+            raise no_text_left(f"folder {path}", skipped)
+        warn_skipped(skipped, f"folder {path}")
+        return docs
     raise FileNotFoundError(f"no file or folder at {path}")
 
 

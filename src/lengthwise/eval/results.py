@@ -2,6 +2,10 @@
 
 Each record: task, key, model, method (spec string), method_config, data, seed, metrics (task specific),
 plus machine, versions and time. A record's `key` identifies its cell; re-running skips cells already present.
+
+A `ResultsFile` on a path locks it (`lengthwise.locks`: `PATH.lock` beside it) before reading it and holds the lock
+until it is closed, garbage-collected or the process ends: a second run on the same file waits, then reads what the
+first one appended and skips those cells (or, `wait=False`, stops naming the other run). No cell is recorded twice.
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import platform
+import weakref
 from pathlib import Path
 from typing import Any
 
+from lengthwise import locks
 from lengthwise.io import append_jsonl, read_jsonl
 
 SCHEMA_VERSION = 1
@@ -70,12 +76,31 @@ def make_record(task: str, key: str, *, model: str, method: str, method_config: 
 
 
 class ResultsFile:
-    """Append-only JSON-lines results; `done(key)` tells which cells a previous (maybe killed) run finished."""
+    """Append-only JSON-lines results; `done(key)` tells which cells a previous (maybe killed) run finished.
 
-    def __init__(self, path: str | Path | None) -> None:
+    The file is locked for this process from construction to `close()` (or garbage collection, or exit); `wait`:
+    block while another run holds it (True), or raise `lengthwise.locks.OutputLocked` naming that run (False).
+    """
+
+    def __init__(self, path: str | Path | None, *, wait: bool = True) -> None:
         self.path = Path(path) if path else None
+        self._token = None
+        if self.path:  # locked before reading: what another run appended is then in the file
+            self._token = locks.acquire(self.path, wait=wait)
+            weakref.finalize(self, locks.release, self.path, self._token)
         self.records: list[dict] = read_jsonl(self.path) if self.path else []
         self._keys = {r.get("key") for r in self.records}
+
+    def close(self) -> None:
+        """Let go of the lock (appending after this is refused)."""
+        if self.path:
+            locks.release(self.path, self._token)
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def done(self, key: str) -> dict | None:
         if key not in self._keys:
@@ -83,6 +108,9 @@ class ResultsFile:
         return next(r for r in reversed(self.records) if r.get("key") == key)
 
     def append(self, record: dict) -> None:
+        if self.path and not locks.holds(self.path, self._token):
+            raise RuntimeError(f"results file {self.path} was closed (or the command that locked it ended); open a "
+                               "new ResultsFile to append")
         self.records.append(record)
         self._keys.add(record["key"])
         if self.path:

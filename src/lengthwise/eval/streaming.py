@@ -13,11 +13,13 @@ The `sliding-window` baseline streams too (it keeps only its last `window` token
 (vanilla, a RoPE rescaling alone, lm-infinite with middle retrieval) are refused: their memory grows with the stream.
 
 Checkpoints (every `checkpoint_every` tokens, at least every `checkpoint_seconds`, and when a run pauses): the
-running sums, the token offset, where in the corpus the next token comes from, and the KV cache itself (its
-tensors are bounded; the cache object is saved with torch.save, written to a temporary file and moved into place
-with os.replace). A resumed run restores all of it and continues as if never stopped (equal to an uninterrupted run
-within float tolerance; tested). Each checkpoint also writes a JSON snapshot of the buckets so far and the process's
-resident memory (current and peak), so a long run shows its memory staying flat.
+running sums, the token offset, where in the corpus the next token comes from, and the KV cache's state (its
+tensors are bounded): per cache layer, its attributes as tensors, numbers, strings, dtypes and devices, never the
+cache object. The file is written with torch.save to a temporary file and moved into place with os.replace, and
+read back with `weights_only=True`: a checkpoint that would unpickle anything else is refused. A resumed run
+restores all of it and continues as if never stopped (equal to an uninterrupted run within float tolerance; tested).
+Each checkpoint also writes a JSON snapshot of the buckets so far and the process's resident memory (current and
+peak), so a long run shows its memory staying flat.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from pathlib import Path
 
 import torch
 
-from lengthwise.data.corpus import CORPUS_NAMES, shared_data_root, stdlib_files
+from lengthwise.data.corpus import (CORPUS_NAMES, is_text_file, no_text_left, shared_data_root, stdlib_files,
+                                    warn_skipped)
 from lengthwise.eval.perplexity import _token_nll, windows_nll
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
-from lengthwise.io import atomic_torch_save, atomic_write_json, remove_temp_files
+from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file, remove_temp_files
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the cache as plain per-layer state (1 pickled the cache object)
 PIECE_CHARS = 1 << 16  # characters of whole lines tokenised at a time
 BUCKET_SCALES = ("log", "linear")
 EXACT_FLOAT32_POSITIONS = 1 << 24  # beyond this, float32 cannot even hold the integer positions RoPE rotates by
@@ -117,11 +120,19 @@ def stream_sources(spec: str) -> list[StreamSource]:
 
             sources += [StreamSource(d.name, text=d.text) for d in hf_corpus(item)]
         elif Path(item).is_file():
+            if why := is_text_file(Path(item)):
+                raise no_text_left(f"file {item}", [(Path(item).name, why)])
             sources.append(StreamSource(Path(item).name, Path(item)))
         elif Path(item).is_dir():
             found = _folder_sources(Path(item), "", (".txt", ".md", ".py"))
             if not found:
                 raise ValueError(f"folder {item} holds no .txt, .md or .py files")
+            checked = [(source, is_text_file(source.path)) for source in found]  # the first 64 KiB of each
+            skipped = [(source.name, why) for source, why in checked if why]
+            found = [source for source, why in checked if not why]
+            if not found:
+                raise no_text_left(f"folder {item}", skipped)
+            warn_skipped(skipped, f"folder {item}")
             sources += found
         else:
             raise ValueError(f"unknown corpus {item!r}; accepted: {', '.join(CORPUS_NAMES)}, hf:NAME[:SPLIT], a "
@@ -342,6 +353,18 @@ def _check_bounded_cache(method: str, cache) -> None:
                          "middle: top_k / top_blocks), so its memory grows with the stream; stream it without them")
 
 
+def _plain(value) -> bool:
+    """Whether `torch.load(weights_only=True)` reads `value` back (tensors, numbers, strings, dtypes, devices,
+    None, and tuples, lists and dicts of them)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
+    return False
+
+
 class _CacheScorer:
     """Chunks of `chunk_size` tokens through the patched model's bounded cache (as `nll_one_pass` with a cache)."""
 
@@ -377,20 +400,34 @@ class _CacheScorer:
         return fed, offset + 1, _token_nll(logits[:scored], ids[1 : 1 + scored]).cpu()
 
     def state(self) -> dict:
-        return {"cache": self.cache}
+        """The cache as plain data: per layer, its attributes (tensors, numbers, strings, dtypes, devices and
+        tuples/lists/dicts of them; views of one buffer stay views of it in the file). Never the cache object."""
+        layers = []
+        for index, layer in enumerate(self.cache.layers):
+            attributes = dict(vars(layer))
+            odd = sorted(name for name, value in attributes.items() if not _plain(value))
+            if odd:
+                raise ValueError(f"layer {index} of the {type(self.cache).__name__} holds {', '.join(odd)}, which a "
+                                 "weights-only checkpoint cannot hold; this cache cannot be checkpointed")
+            layers.append(attributes)
+        return {"cache_class": type(self.cache).__name__,
+                "layer_classes": [type(x).__name__ for x in self.cache.layers], "layers": layers}
 
     def restore(self, state: dict, offset: int) -> None:
-        cache = state["cache"]
-        fresh = self.cache
-        same = type(cache) is type(fresh) and len(cache.layers) == len(fresh.layers) and all(
-            type(a) is type(b) and set(vars(b)) <= set(vars(a)) for a, b in zip(cache.layers, fresh.layers))
+        fresh = self.cache  # a new cache of this method: the saved attributes go into its layers
+        layers = state.get("layers") if isinstance(state, dict) else None
+        same = isinstance(layers, list) and state.get("cache_class") == type(fresh).__name__ and \
+            state.get("layer_classes") == [type(x).__name__ for x in fresh.layers] and \
+            len(layers) == len(fresh.layers) and all(isinstance(saved, dict) and set(vars(layer)) <= set(saved)
+                                                     for saved, layer in zip(layers, fresh.layers))
         if not same:
             raise ValueError("the checkpoint's KV cache was written by another version of lengthwise's bounded cache; "
                              "delete the checkpoint to start the stream over")
-        if cache.get_seq_length() != offset:
-            raise ValueError(f"the checkpoint's KV cache has seen {cache.get_seq_length()} tokens, its offset says "
+        for saved, layer in zip(layers, fresh.layers):
+            vars(layer).update(saved)
+        if fresh.get_seq_length() != offset:
+            raise ValueError(f"the checkpoint's KV cache has seen {fresh.get_seq_length()} tokens, its offset says "
                              f"{offset}; delete the checkpoint to start the stream over")
-        self.cache = cache
 
 
 class _SlidingWindowScorer:
@@ -461,12 +498,8 @@ def checkpoint_path(checkpoint_dir: str | Path, key: str, method: str, n_tokens:
 
 
 def _load_checkpoint(path: Path) -> dict:
-    try:
-        # our own file, holding the bounded cache object: not weights only (load checkpoints you wrote, only)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - a torn or foreign file: one line, not a traceback
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to start the "
-                         "stream over") from None
+    # weights only: tensors and plain containers; a file that would unpickle anything else is refused in one line
+    state = load_torch_file(path, "checkpoint", "delete it to start the stream over")
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"checkpoint {path} is not a version-{CHECKPOINT_VERSION} streaming checkpoint; delete it "
                          "to start the stream over")

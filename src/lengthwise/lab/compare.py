@@ -86,9 +86,9 @@ def default_variants(root: str | Path) -> list[str]:
 
 def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], data: Sequence[str],
             max_docs: int, results: str | Path, table: str | Path | None = None, plot: str | Path | None = None,
-            progress: bool = True, position_plot: str | Path | None = None) -> list[dict]:
+            progress: bool = True, position_plot: str | Path | None = None, wait: bool = True) -> list[dict]:
     """Score every (variant, data, factor) cell (skipping cells already in `results`); write the table, the plot
-    and (with `position_plot`) the NLL by position at the longest length."""
+    and (with `position_plot`) the NLL by position at the longest length. `wait`: see `ResultsFile`."""
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
     from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
     from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
@@ -97,7 +97,7 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
     parsed = [parse_variant(v, root) for v in variants]  # validate all before any heavy work
     if not factors or any(int(f) < 1 for f in factors):
         raise ValueError(f"factors must be positive integers, got {list(factors)!r}")
-    store = ResultsFile(results)
+    store = ResultsFile(results, wait=wait)
     corpora = {name: load_corpus(name) for name in data}
     records = []
     for variant in parsed:
@@ -126,11 +126,10 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
 def render(results: str | Path, root: str | Path, variants: Sequence[str], data: Sequence[str],
            table: str | Path, plot: str | Path) -> list[dict]:
     """Table and plot from the stored records of `variants` on `data` (no scoring), in the variants' order."""
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.io import atomic_write_text  # noqa: PLC0415
+    from lengthwise.io import atomic_write_text, read_jsonl  # noqa: PLC0415
 
     order = {f"lab:{v}": i for i, v in enumerate(variants)}
-    records = [r for r in ResultsFile(results).records
+    records = [r for r in read_jsonl(results)
                if r.get("task") == "ppl" and r["model"] in order and r["data"] in data]
     records.sort(key=lambda r: (list(data).index(r["data"]), order[r["model"]], r["length"]))
     if not records:

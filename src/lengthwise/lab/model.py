@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lengthwise.io import atomic_torch_save, atomic_write_json
+from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file
 from lengthwise.lab.encodings import build_encoding, encoding_config
 from lengthwise.rope.scaling import logn_scale
 
@@ -223,7 +223,7 @@ def load_lab_model(path: str | Path, device: str | None = None, **inference):
     config = LabConfig(**json.loads(marker.read_text())["config"])
     config.inference = InferenceOptions(**inference)
     model = LabModel(config)
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(load_torch_file(path / "model.pt", "lab model weights", "train the model again"))
     model.eval()
     if device:
         model.to(device)

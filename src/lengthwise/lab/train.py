@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lengthwise.io import atomic_torch_save, atomic_write_json, remove_temp_files
+from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file, remove_temp_files
 from lengthwise.lab.encodings import encoding_config
 from lengthwise.lab.model import LAB_MARKER, LabConfig, LabModel, save_lab_model
 
@@ -76,7 +76,7 @@ def token_stream(data: str, tokenizer, max_chars: int, cache_dir: Path) -> torch
     tag = hashlib.sha1(f"{data}|{max_chars}|{len(tokenizer)}".encode()).hexdigest()[:10]
     cache = cache_dir / f"tokens-{data}-{tag}.pt"
     if cache.exists():
-        return torch.load(cache, weights_only=True)
+        return load_torch_file(cache, "token cache", "delete it to tokenize again")
     sources = {"stdlib": ["stdlib-train"], "pg19": ["pg19-train"], "mix": ["stdlib-train", "pg19-train"]}[data]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     ids: list[int] = []
@@ -206,8 +206,10 @@ def _train(cfg: TrainConfig, out: Path, tokenizer, cache_dir, progress: bool, lo
     start, losses, seconds = 0, [], 0.0
     out.mkdir(parents=True, exist_ok=True)
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != dataclasses.asdict(cfg):
+        # weights only: the config as a dict, tensors, the optimizer's state dict, the RNG state (a uint8 tensor),
+        # numbers and lists
+        ckpt = load_torch_file(ckpt_path, "checkpoint", "delete it to train from the start")
+        if not isinstance(ckpt, dict) or ckpt.get("config") != dataclasses.asdict(cfg):
             raise ValueError(f"{ckpt_path} was written with another config; remove it or use the same options")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -25,10 +25,13 @@ def load_checkpoint(path: str | Path, fingerprint: dict) -> SearchState | None:
     path = Path(path)
     if not path.exists():
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {path} is not valid JSON ({err}); delete it to start over") from err
+    try:  # JSON only: whatever else the file holds is never unpickled or run
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {path} is not a JSON search checkpoint ({err}); delete it to start "
+                         "over") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} is not a JSON search checkpoint (not an object); delete it to start over")
     if obj.get("version") != VERSION:
         raise ValueError(f"checkpoint {path} has version {obj.get('version')!r}; this lengthwise reads {VERSION}")
     saved = json.loads(json.dumps(obj.get("fingerprint")))

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lengthwise import locks
 from lengthwise.io import atomic_write_json, atomic_write_text, remove_temp_files
 from lengthwise.models.families import model_info, require_encoding
 from lengthwise.rope.factors import save_factors
@@ -241,6 +242,7 @@ def longrope(
     model_name: str | None = None,
     on_generation: Callable[[str, dict], None] | None = None,
     on_evaluation: Callable[[], None] | None = None,
+    wait: bool = True,
 ) -> LongRopeResult:
     """Search LongRoPE factors for `model` at `target_length` tokens (or `scale` x its training length).
 
@@ -253,7 +255,9 @@ def longrope(
     `ray_address`: run the fitness evaluations on Ray ("local" starts one here), `workers` actors, each with its
     own model copy; `model_name` (a name/path `load_model` can read) lets workers load the model themselves
     instead of receiving a pickled copy. `threads`: torch threads per evaluation (equal threads => results
-    identical between serial and Ray).
+    identical between serial and Ray). `out_dir` is locked for the search (`lengthwise.locks`: `<out_dir>.lock`
+    beside it): a second search on it waits and then resumes from what the first one checkpointed (`wait` False:
+    raises `lengthwise.locks.OutputLocked` naming the other run instead).
     """
     evolution = evolution or EvolutionConfig()
     pretrain, target_length, s = _check_inputs(model, target_length, scale)
@@ -282,41 +286,48 @@ def longrope(
 
     names, docs = _tokenize(documents, tokenizer, target_length, max_docs, "long")
     out = Path(out_dir) if out_dir else None
-    if out is not None:
-        remove_temp_files(out)  # a killed run's unrenamed checkpoint or log: the checkpoint before it is what counts
-    factory_model = model_name if model_name else model
-    base_fp = {"model": model_name or model.config.model_type, "model_config": _digest(model.config.to_dict()),
-               "pretrain_length": pretrain, "attention_factor": attn, "threads": threads}
-    log_rows: list[dict] = []
-    fitness = PerplexityFitness(model, docs, pretrain, s, attn, "long", threads=threads)
-    fp = {**base_fp, "phase": "long", "length": target_length, "documents": names, "tokens": _digest(docs),
-          "space": asdict(space), "evolution": asdict(evolution), "seeds": [c.to_json() for _, c in seeds]}
-    long = _run_phase("long", fitness, space, evolution, seeds, fp, out, ray_address, workers, factory_model,
-                      on_generation, on_evaluation, log_rows)
+    if out is not None:  # before the checkpoint is read: a second search waits for the first, then resumes it
+        token = locks.acquire(out, wait=wait)
+    try:
+        if out is not None:
+            remove_temp_files(out)  # a killed run's unrenamed checkpoint or log: the checkpoint before it counts
+        factory_model = model_name if model_name else model
+        base_fp = {"model": model_name or model.config.model_type, "model_config": _digest(model.config.to_dict()),
+                   "pretrain_length": pretrain, "attention_factor": attn, "threads": threads}
+        log_rows: list[dict] = []
+        fitness = PerplexityFitness(model, docs, pretrain, s, attn, "long", threads=threads)
+        fp = {**base_fp, "phase": "long", "length": target_length, "documents": names, "tokens": _digest(docs),
+              "space": asdict(space), "evolution": asdict(evolution), "seeds": [c.to_json() for _, c in seeds]}
+        long = _run_phase("long", fitness, space, evolution, seeds, fp, out, ray_address, workers, factory_model,
+                          on_generation, on_evaluation, log_rows)
 
-    short = None
-    if short_length is not None:
-        short_s = max(1.0, short_length / pretrain)
-        ceiling = short_max_factor if short_max_factor is not None else 1.25 * short_s
-        short_space = SearchSpace(num_factors, short_s, high=max(GRID, round(ceiling * GRID)),
-                                  n_hat_choices=(long.best.n_hat,))
-        short_seeds = list(zip(("pi", "ntk", "yarn"), seed_candidates(short_space, pretrain, layout.base)))
-        short_seeds.append(("long-clipped", short_space.snap(long.best.lambdas, long.best.n_hat)))
-        short_seeds = list({c: (n, c) for n, c in reversed(short_seeds)}.values())[::-1]  # drop duplicates
-        short_names, short_docs = _tokenize(documents, tokenizer, short_length, max_docs, "short")
-        short_fitness = PerplexityFitness(model, short_docs, pretrain, s, attn, "short",
-                                          long_factors=tuple(long.best.lambdas), n_hat=long.best.n_hat, threads=threads)
-        short_cfg = short_evolution or evolution
-        sfp = {**base_fp, "phase": "short", "length": short_length, "documents": short_names,
-               "tokens": _digest(short_docs), "space": asdict(short_space), "evolution": asdict(short_cfg),
-               "long": long.best.to_json()}
-        short = _run_phase("short", short_fitness, short_space, short_cfg, short_seeds, sfp, out, ray_address,
-                           workers, factory_model, on_generation, on_evaluation, log_rows)
+        short = None
+        if short_length is not None:
+            short_s = max(1.0, short_length / pretrain)
+            ceiling = short_max_factor if short_max_factor is not None else 1.25 * short_s
+            short_space = SearchSpace(num_factors, short_s, high=max(GRID, round(ceiling * GRID)),
+                                      n_hat_choices=(long.best.n_hat,))
+            short_seeds = list(zip(("pi", "ntk", "yarn"), seed_candidates(short_space, pretrain, layout.base)))
+            short_seeds.append(("long-clipped", short_space.snap(long.best.lambdas, long.best.n_hat)))
+            short_seeds = list({c: (n, c) for n, c in reversed(short_seeds)}.values())[::-1]  # drop duplicates
+            short_names, short_docs = _tokenize(documents, tokenizer, short_length, max_docs, "short")
+            short_fitness = PerplexityFitness(model, short_docs, pretrain, s, attn, "short",
+                                              long_factors=tuple(long.best.lambdas), n_hat=long.best.n_hat,
+                                              threads=threads)
+            short_cfg = short_evolution or evolution
+            sfp = {**base_fp, "phase": "short", "length": short_length, "documents": short_names,
+                   "tokens": _digest(short_docs), "space": asdict(short_space), "evolution": asdict(short_cfg),
+                   "long": long.best.to_json()}
+            short = _run_phase("short", short_fitness, short_space, short_cfg, short_seeds, sfp, out, ray_address,
+                               workers, factory_model, on_generation, on_evaluation, log_rows)
 
-    result = LongRopeResult(s, target_length, pretrain, layout.base, attn, long, short)
-    if out is not None:
-        result.files = write_outputs(result, out)
-    return result
+        result = LongRopeResult(s, target_length, pretrain, layout.base, attn, long, short)
+        if out is not None:
+            result.files = write_outputs(result, out)
+        return result
+    finally:
+        if out is not None:
+            locks.release(out, token)
 
 
 def write_outputs(result: LongRopeResult, out: Path) -> dict[str, str]:

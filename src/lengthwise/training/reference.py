@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from lengthwise.data.corpus import load_corpus
 from lengthwise.data.passkey import make_passkey_prompt, random_key
-from lengthwise.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from lengthwise.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
 
 
 @dataclass
@@ -168,6 +169,16 @@ def passkey_accuracy(model, tokenizer, length: int, trials: int = 50, seed: int 
     return hits / trials
 
 
+def load_resume_state(path: Path) -> dict:
+    """The training state a killed run left (model and optimizer state dicts, step), read weights only: a file
+    holding anything else is refused in one line (ValueError), never unpickled."""
+    state = load_torch_file(path, "training state", f"delete {path} to train from the start")
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise ValueError(f"training state {path} is not a reference-training state (model, optimizer, step); "
+                         f"delete {path} to train from the start")
+    return state
+
+
 def train(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -206,7 +217,7 @@ def train(cfg: TrainConfig, out: Path, work: Path | None = None) -> dict:
     state_path, log_path = work / "state.pt", work / "log.jsonl"
     start_step = 0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = load_resume_state(state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
@@ -315,7 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     cfg = TrainConfig(**args)
-    print(json.dumps(train(cfg, out), indent=2))
+    try:
+        metrics = train(cfg, out)
+    except ValueError as err:  # bad input (a foreign or unsafe training state): one line, exit code 2
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

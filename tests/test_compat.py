@@ -1,4 +1,4 @@
-"""The transformers boundary: the declared range, the one model-type table, and every fail-loud check provoked."""
+"""The transformers boundary: the declared range, the adapter table, and every fail-loud check provoked."""
 
 import tomllib
 from pathlib import Path
@@ -12,7 +12,7 @@ from lengthwise import api
 from lengthwise.attention import hf
 from lengthwise.attention.cache import LambdaCache, LambdaCacheLayer
 from lengthwise.models import compat
-from lengthwise.models.families import FAMILIES
+from lengthwise.models.families import ADAPTER_FAMILIES
 from lengthwise.testing import TINY_FAMILIES, random_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +29,9 @@ def test_declared_range_is_the_tested_one_and_installed_release_is_inside():
         assert f"transformers `{compat.SUPPORTED_TRANSFORMERS}`" in (ROOT / page).read_text(), page
 
 
-def test_every_family_of_the_table_has_a_tiny_model():
-    assert set(TINY_FAMILIES) == set(FAMILIES)
-    for family in FAMILIES:
+def test_every_family_of_the_matrix_has_a_tiny_model_and_the_adapters_are_among_them():
+    assert set(ADAPTER_FAMILIES) <= set(TINY_FAMILIES)
+    for family in TINY_FAMILIES:
         assert tiny_model(family).config.model_type == family
 
 
@@ -53,13 +53,13 @@ def test_bounded_cache_whose_positions_are_never_recorded_raises():
 
 
 def test_attention_that_never_sees_the_cache_raises(monkeypatch):
+    """Found by the first call through the bounded cache that patch() makes itself, so the patch is refused."""
     model = tiny_model("llama", length=16)
+    before = model(random_ids(8)).logits
     monkeypatch.setattr(hf, "cache_from_kwargs", lambda kwargs, method, model_type: None)  # a renamed keyword
-    with api.patch(model, "lm-infinite", n_local=8):
-        cache = DynamicCache()
-        model(random_ids(8), **compat.cache_kwargs(model, cache), use_cache=True)
-        with pytest.raises(compat.PatchNotInForce, match="never the KV cache"):
-            model(random_ids(1), **compat.cache_kwargs(model, cache), use_cache=True)
+    with pytest.raises(compat.PatchNotInForce, match="never recorded|never the KV cache"):
+        api.patch(model, "lm-infinite", n_local=8)
+    assert "_lengthwise_handle" not in model.__dict__ and torch.equal(model(random_ids(8)).logits, before)
 
 
 def test_bounded_cache_layers_refuse_assisted_decoding():

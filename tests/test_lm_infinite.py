@@ -210,7 +210,7 @@ def test_bad_options_and_models_are_refused_clearly():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="Supported model types"):
+    with pytest.raises(ValueError, match="uses .other. position encoding. Served: every RoPE causal LM"):
         api.patch(gpt2, "lm-infinite")
 
 

@@ -10,12 +10,14 @@ import functools
 
 import torch
 
-from lengthwise.models.families import ALIBI_MODEL_TYPES, FAMILIES, ROPE_MODEL_TYPES
+from lengthwise.models.families import ADAPTER_FAMILIES
 
-# every family of the one model-type table has a tiny config here (a test checks), so the shared matrix covers it
-TINY_FAMILIES = tuple(FAMILIES)
-ROPE_FAMILIES = ROPE_MODEL_TYPES
-ALIBI_FAMILIES = ALIBI_MODEL_TYPES
+# The rows of the shared (method, family) test matrix: hand-written tiny configs of representative families, every
+# adapter family among them (a test checks). Every other RoPE type transformers registers is walked by
+# `lengthwise.zoo` (tests/test_walk.py).
+ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "granite", "gpt_neox", "gptj")
+ALIBI_FAMILIES = tuple(t for t, encoding in ADAPTER_FAMILIES.items() if encoding == "alibi")
+TINY_FAMILIES = ROPE_FAMILIES + ALIBI_FAMILIES
 VOCAB = 320
 # Llama-like families: (config class name, extra settings)
 LLAMA_LIKE = {

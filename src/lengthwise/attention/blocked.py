@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from lengthwise.attention.middle import check_sequence, middle_part
-from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads, visibility
+from lengthwise.attention.pattern import (NO_MODS, AlibiEncoding, LambdaPattern, RopeEncoding, ScoreMods, expand_heads,
+                                          visibility)
 from lengthwise.attention.softmax import softmax_with_lse
 
 
@@ -31,8 +32,8 @@ def global_candidates(k_pos: torch.Tensor, k_valid: torch.Tensor | None, n_globa
     return int(hits[-1]) + 1 if len(hits) else 0
 
 
-def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding, scale):
-    """Scores of a query block against the G global candidates. Returns out (B, H, Bq, D) and lse (B, H, Bq)."""
+def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding, scale, mods: ScoreMods):
+    """Scores of a query block against the G global candidates. Returns out (B, H, Bq, Dv) and lse (B, H, Bq)."""
     scores = (qb @ kg.transpose(-1, -2)).float() * scale  # (B, H, Bq, G); float32 like the fused kernel's lse
     visible, limited, d = visibility(pb, kpos_g, kvalid_g, pattern)  # (B, 1, Bq, G)
     if pattern.limit is not None:
@@ -40,7 +41,8 @@ def _global_part(qb, pb, kg, vg, kg_anchor, kpos_g, kvalid_g, pattern, encoding,
     if isinstance(encoding, RopeEncoding) and pattern.limit is not None:
         q_lim = encoding.limited_query(qb, pb, pattern)
         scores = torch.where(limited, (q_lim @ kg_anchor.transpose(-1, -2)).float() * scale, scores)
-    elif isinstance(encoding, AlibiEncoding):
+    scores = mods.capped(scores)
+    if isinstance(encoding, AlibiEncoding):
         dist = d.to(scores.dtype)
         if pattern.limit is not None:
             dist = torch.where(limited, cap.to(scores.dtype), dist)
@@ -64,12 +66,13 @@ def _band_mask(pb, kpos_band, kvalid_band, n_local, slopes, dtype):
 FEW_QUERIES = 16  # up to this many queries (decoding), one explicit score matrix is cheapest
 
 
-def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False):
-    """Softmax attention of q (B, H, Tq, D) over k/v (B, Hk, Tk, D) that also returns the log-sum-exp of the scores,
-    so that attention over disjoint key sets can be merged exactly. mask: additive (B or 1, H or 1, Tq, Tk) or None;
-    causal: square top-left causal. Returns out (B, H, Tq, D) and lse (B, H, Tq) in float32, -inf where a query
-    sees no key (its out is 0)."""
-    if q.device.type == "cpu" and q.shape[-2] > FEW_QUERIES:
+def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False, softcap: float | None = None):
+    """Softmax attention of q (B, H, Tq, D) over k (B, Hk, Tk, D), v (B, Hk, Tk, Dv) that also returns the
+    log-sum-exp of the scores, so that attention over disjoint key sets can be merged exactly. mask: additive
+    (B or 1, H or 1, Tq, Tk) or None; causal: square top-left causal; softcap: scores soft-capped before the mask.
+    Returns out (B, H, Tq, Dv) and lse (B, H, Tq) in float32, -inf where a query sees no key (its out is 0)."""
+    fused = softcap is None and v.shape[-1] == q.shape[-1]  # the fused kernel neither caps nor takes Dv != D
+    if fused and q.device.type == "cpu" and q.shape[-2] > FEW_QUERIES:
         # PyTorch's fused CPU flash kernel (the one F.scaled_dot_product_attention runs) returns the lse as well.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, is_causal=causal, attn_mask=mask, scale=scale)
@@ -82,13 +85,15 @@ def attend_with_lse(q, k, v, scale: float, mask=None, causal: bool = False):
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     scores = (q.reshape(B, Hk, -1, D) @ k.transpose(-1, -2)).float().reshape(B, H, Tq, Tk) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf"))
     probs, lse = softmax_with_lse(scores)
-    out = probs.to(v.dtype).reshape(B, Hk, -1, Tk) @ v  # (B, Hk, H/Hk * Tq, D)
-    return out.reshape(B, H, Tq, D), lse
+    out = probs.to(v.dtype).reshape(B, Hk, -1, Tk) @ v  # (B, Hk, H/Hk * Tq, Dv)
+    return out.reshape(B, H, Tq, v.shape[-1]), lse
 
 
 def merge_softmax_parts(parts):
@@ -124,7 +129,7 @@ def _windows(x: torch.Tensor, start: int, width: int, step: int, count: int) -> 
                         x.storage_offset() + start * stride_t)
 
 
-def _interior_band(q, k, v, q_start, key_start, count, block, n_local, scale, strip_mask):
+def _interior_band(q, k, v, q_start, key_start, count, block, n_local, scale, strip_mask, softcap):
     """Band parts of `count` consecutive full query blocks of one batch row (q (1, H, Tq, D), k/v (1, Hk, Tk, D))
     whose bands lie past the global keys, each kind in one batched kernel call over window views (no copies):
     the masked strip, the part every query of its block sees, and the block's own causal square."""
@@ -133,18 +138,21 @@ def _interior_band(q, k, v, q_start, key_start, count, block, n_local, scale, st
               (key_start + block - n_local, n_local - block, None, False),
               (key_start, block, None, True)]
     return [attend_with_lse(qw, _windows(k, k0, width, block, count), _windows(v, k0, width, block, count), scale,
-                            mask, causal) for k0, width, mask, causal in pieces if width > 0]
+                            mask, causal, softcap) for k0, width, mask, causal in pieces if width > 0]
 
 
 def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
-                             block: int = 256, run: int = 4, index=None):
-    """Same contract as `lambda_attention_reference`: q (B, H, Tq, D), k/v (B, Hk, Tk, D), q_pos (B, Tq),
-    k_pos (B, Tk), k_valid (B, Tk) or None -> (B, H, Tq, D). Queries are the last Tq of the Tk keys.
+                             block: int = 256, run: int = 4, index=None, mods: ScoreMods = NO_MODS):
+    """Same contract as `lambda_attention_reference`: q (B, H, Tq, D), k (B, Hk, Tk, D), v (B, Hk, Tk, Dv), q_pos
+    (B, Tq), k_pos (B, Tk), k_valid (B, Tk) or None -> (B, H, Tq, Dv). Queries are the last Tq of the Tk keys.
     Up to `run` consecutive interior blocks share each batched kernel call. With `pattern.middle`, the middle keys'
     part (`lengthwise.attention.middle.middle_part`, block boxes kept in `index`) is merged into every block."""
     B, H, Tq, D = q.shape
+    Dv = v.shape[-1]
     middle = None
     if pattern.middle is not None:
+        if mods:
+            raise ValueError("middle retrieval does not apply soft-capping or sinks")
         check_sequence(k_pos, k_valid)
         middle = middle_part(q, k, v, q_pos, k_pos, pattern, encoding, scale, index)  # (B,H,Tq,D), (B,H,Tq)
     offset = k.shape[2] - Tq  # key index of query 0
@@ -162,7 +170,7 @@ def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPatt
     strip_mask = _band_mask(torch.arange(block, device=q.device)[None],
                             torch.arange(1 - pattern.n_local, block - pattern.n_local, device=q.device)[None],
                             None, pattern.n_local, None, q.dtype) if contiguous else None  # (1, 1, block, block-1)
-    out = torch.empty_like(q)
+    out = q.new_empty(B, H, Tq, Dv)
     shared_masks = {}  # masked ranges of single blocks, keyed by (rows, start - first query, end - first query)
     qs = 0
     while qs < Tq:
@@ -172,15 +180,17 @@ def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPatt
         qe = qs + (count * block if count else min(block, Tq - qs))
         # The global part per stretch too: its elementwise work (moving queries to the limit) stays in cache.
         global_part = None if not G else _global_part(q[:, :, qs:qe], q_pos[:, qs:qe], kg, vg, kg_anchor,
-                                                      k_pos[:, :G], kvalid_g, pattern, encoding, scale)
+                                                      k_pos[:, :G], kvalid_g, pattern, encoding, scale, mods)
         if count:
             for row in range(B):
                 parts = _interior_band(q[row:row + 1], k[row:row + 1], v[row:row + 1], qs, qs + offset, count, block,
-                                       pattern.n_local, scale, strip_mask)
+                                       pattern.n_local, scale, strip_mask, mods.softcap)
                 for part in (global_part, None if middle is None else (middle[0][:, :, qs:qe], middle[1][:, :, qs:qe])):
                     if part is not None:  # (H, count*block, ...) -> (count, H, block, ...) views
-                        parts.append((part[0][row].view(H, count, block, D).transpose(0, 1),
+                        parts.append((part[0][row].view(H, count, block, Dv).transpose(0, 1),
                                       part[1][row].view(H, count, block).transpose(0, 1)))
+                if mods.sinks is not None:
+                    parts.append(mods.sink_part(parts[0][0]))
                 _windows(out[row:row + 1], qs, block, block, count).copy_(merge_softmax_parts(parts))
         else:
             parts = [] if global_part is None else [global_part]
@@ -198,7 +208,9 @@ def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPatt
                         if k_valid is None:
                             shared_masks[key] = mask
                 parts.append(attend_with_lse(q[:, :, qs:qe], k[:, :, k0:k1], v[:, :, k0:k1], scale, mask,
-                                             causal=kind == "causal"))
+                                             causal=kind == "causal", softcap=mods.softcap))
+            if parts and mods.sinks is not None:
+                parts.append(mods.sink_part(parts[0][0]))
             out[:, :, qs:qe] = merge_softmax_parts(parts) if parts else 0.0
         qs = qe
     return out

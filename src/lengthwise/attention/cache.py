@@ -13,7 +13,7 @@ hidden by their positions. Memory is O(n_global + n_local + slack + C), constant
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from lengthwise.attention.blocked import global_candidates
 from lengthwise.models.compat import PatchNotInForce
@@ -23,9 +23,10 @@ class LambdaCacheLayer(DynamicLayer):
     is_croppable = False  # generate() must not try assisted decoding on it (asked from transformers 5.24)
 
     def __init__(self, n_global: int, n_local: int, slack: int | None = None,
-                 owner: tuple[str, str] = ("LambdaCache", "?"), keep_all: bool = False) -> None:
+                 owner: tuple[str, str] = ("LambdaCache", "?"), keep_all: bool = False, sliding: bool = False) -> None:
         super().__init__()
         self.n_global, self.n_local = n_global, n_local
+        self.is_sliding = sliding  # a layer with a sliding window of its own (masking_utils asks which layers are)
         self.keep_all = keep_all  # a layer whose queries attend to middle keys keeps every key (O(n) memory)
         self.middle_index = None  # `lengthwise.attention.middle.BlockIndex` of such a layer
         self.owner = owner  # (method, model type), for errors
@@ -150,13 +151,57 @@ class LambdaCacheLayer(DynamicLayer):
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
 
 
+class LambdaHybridLayer(LinearAttentionLayer, LambdaCacheLayer):
+    """A layer that runs attention and a linear-attention / Mamba branch side by side (Falcon-H1, Zaya "hybrid"
+    layers): the bounded Λ keys beside the branch's fixed-size conv and recurrent states, as transformers'
+    `LinearAttentionAndFullAttentionLayer` pairs them with a full cache."""
+
+    def __init__(self, n_global: int, n_local: int, number_of_states: int = 1, **kwargs) -> None:
+        LambdaCacheLayer.__init__(self, n_global, n_local, **kwargs)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if len(args) == 2 and not kwargs:  # keys and values, from `update`
+            LambdaCacheLayer.lazy_initialization(self, *args)
+        elif not args:  # conv / recurrent states, by keyword
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        LambdaCacheLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        LambdaCacheLayer.reorder_cache(self, beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        LambdaCacheLayer.crop(self, tokens_to_remove)
+
+    def get_seq_length(self) -> int:
+        return LambdaCacheLayer.get_seq_length(self)
+
+
 class LambdaCache(Cache):
-    """A transformers `Cache` whose layers keep only the global and the last `n_local` keys (see module doc)."""
+    """A transformers `Cache` whose layers keep only the global and the last `n_local` keys (see module doc).
+
+    `LambdaCache(num_layers, n_global, n_local)` makes every layer such a layer; `LambdaCache.of_layers(layers)` takes
+    one layer per model layer as given: bounded layers with their own bounds (a sliding layer keeps at most its
+    window), and, on hybrid models, the layers transformers itself makes for the layers that are not attention
+    (linear attention, Mamba: their own fixed-size state)."""
 
     def __init__(self, num_layers: int, n_global: int, n_local: int,
                  owner: tuple[str, str] = ("LambdaCache", "?"), keep_all_layers=()) -> None:
         super().__init__(layers=[LambdaCacheLayer(n_global, n_local, owner=owner, keep_all=i in keep_all_layers)
                                  for i in range(num_layers)])
+
+    @classmethod
+    def of_layers(cls, layers: list) -> LambdaCache:
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=layers)
+        return cache
+
+    def bounded_layers(self) -> list[LambdaCacheLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LambdaCacheLayer)]
 
     def kept_tokens(self, layer_idx: int = 0) -> int:
         layer = self.layers[layer_idx]

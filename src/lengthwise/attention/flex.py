@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lengthwise.attention.blocked import global_candidates
-from lengthwise.attention.pattern import (AlibiEncoding, LambdaPattern, RopeEncoding, expand_heads,
+from lengthwise.attention.pattern import (NO_MODS, AlibiEncoding, LambdaPattern, RopeEncoding, ScoreMods, expand_heads,
                                          lambda_attention_reference, lambda_rule)
 
 COMPILE: bool | None = None  # None: compile where it can (see the module docstring); False: eager flex; True: force
@@ -203,11 +203,11 @@ def _limited_scores(q, k, q_pos, k_pos, k_valid, pattern, encoding, scale, Tq_pa
     return F.pad(scores, (0, _bucket(G) - G, 0, Tq_pad - q.shape[2]))
 
 
-def _score_function(pattern, encoding, q_pos, k_pos, limited_scores):
-    """The score_mod: ALiBi's bias at the (capped) distance, or RoPE's precomputed capped scores where limited.
-    None when scores stay as they are (RoPE without a distance limit)."""
+def _score_function(pattern, encoding, q_pos, k_pos, limited_scores, softcap: float | None):
+    """The score_mod: RoPE's precomputed capped scores where limited, then the model's soft-capping, then ALiBi's
+    bias at the (capped) distance. None when scores stay as they are."""
     alibi = isinstance(encoding, AlibiEncoding)
-    if not alibi and limited_scores is None:
+    if not alibi and limited_scores is None and softcap is None:
         return None
     slopes = encoding.slopes.to(q_pos.device, torch.float32) if alibi else None
     last_global = None if limited_scores is None else limited_scores.shape[-1] - 1
@@ -215,32 +215,39 @@ def _score_function(pattern, encoding, q_pos, k_pos, limited_scores):
     def score_mod(score, b, h, q_idx, kv_idx):
         key_pos = k_pos[b, kv_idx]
         _, limited, d = lambda_rule(pattern, q_pos[b, q_idx], key_pos)
+        if limited_scores is not None:
+            capped = limited_scores[b, h, q_idx, torch.clamp(kv_idx, max=last_global)]  # limited keys lie below G
+            score = torch.where(limited, capped.to(score.dtype), score)
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
         if alibi:
             if pattern.limit is not None:
                 d = torch.where(limited, pattern.cap(key_pos), d)
-            return score - (slopes[h] * d.to(torch.float32)).to(score.dtype)
-        capped = limited_scores[b, h, q_idx, torch.clamp(kv_idx, max=last_global)]  # limited keys lie below G
-        return torch.where(limited, capped.to(score.dtype), score)
+            score = score - (slopes[h] * d.to(torch.float32)).to(score.dtype)
+        return score
 
     return score_mod
 
 
 def lambda_attention_flex(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
-                          block: int | None = None):
+                          block: int | None = None, mods: ScoreMods = NO_MODS):
     """Same contract as `lambda_attention_reference`: q (B, H, Tq, D), k/v (B, Hk, Tk, D) (Hk divides H),
     q_pos (B, Tq), k_pos (B, Tk) (long), k_valid (B, Tk) bool or None -> (B, H, Tq, D); a query that sees no key
     gets 0. `block`: the BlockMask's block size (default 128). Compiled where possible, else eager flex
-    (O(Tq x Tk) memory); with gradients on CPU, the reference: see the module docstring. Patterns with attention to
-    the middle (`pattern.middle`) are refused."""
-    if not isinstance(encoding, (RopeEncoding, AlibiEncoding)):
-        raise TypeError(f"encoding must be RopeEncoding or AlibiEncoding, got {type(encoding).__name__}")
+    (O(Tq x Tk) memory); with gradients on CPU, the reference: see the module docstring. Soft-capping is a score_mod;
+    patterns with attention to the middle (`pattern.middle`) and attention sinks are refused."""
+    if encoding is not None and not isinstance(encoding, (RopeEncoding, AlibiEncoding)):
+        raise TypeError(f"encoding must be RopeEncoding, AlibiEncoding or None, got {type(encoding).__name__}")
+    if mods.sinks is not None:
+        raise NotImplementedError("attention sinks (a logit per head in every softmax) have no flex path here; use "
+                                  "impl 'blocked' or 'eager'")
     if getattr(pattern, "middle", None) is not None:
         raise NotImplementedError("attention to the middle (pattern.middle) has no flex path: its keys are chosen "
                                   "per query from the scores; use the blocked kernel or the reference")
     api = _flex_api()
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # "FlexAttention does not support backward on CPU" (torch 2.13, eager and compiled alike)
-        return lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern, encoding, scale)
+        return lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern, encoding, scale, mods)
     block = block or DEFAULT_BLOCK
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -251,7 +258,7 @@ def lambda_attention_flex(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern
     limited_scores = None
     if isinstance(encoding, RopeEncoding) and pattern.limit is not None:
         limited_scores = _limited_scores(q, k, q_pos, k_pos, k_valid, pattern, encoding, scale, Tq_pad)
-    score_mod = _score_function(pattern, encoding, qp, kp, limited_scores)
+    score_mod = _score_function(pattern, encoding, qp, kp, limited_scores, mods.softcap)
     qx, kx, vx = (F.pad(x, (0, 0, 0, n - x.shape[2])) if n != x.shape[2] else x
                   for x, n in ((q, Tq_pad), (k, Tk_pad), (v, Tk_pad)))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=H != Hk)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from lengthwise.attention.softmax import softmax_with_lse
-from lengthwise.rope.rotation import rotate, rotation_angles
+from lengthwise.rope.rotation import rotation_angles
 
 QUERY_MODES = ("all", "last")
 ORDER_MODES = ("none", "kept")  # blocks all at one distance, or laid end to end in text order (blocks only)
@@ -89,7 +89,7 @@ def anchored(k: torch.Tensor, k_pos: torch.Tensor, encoding) -> torch.Tensor:
     if not hasattr(encoding, "inv_freq"):
         return k
     angles = rotation_angles(-k_pos, encoding.inv_freq.to(k.device))  # (B, [Hk,] T, d/2)
-    return rotate(k, angles if k_pos.dim() == 3 else angles[:, None], encoding.style)
+    return encoding.rotate(k, angles if k_pos.dim() == 3 else angles[:, None])
 
 
 def fixed_distance_bias(encoding, distance: int, heads: int, device) -> torch.Tensor:

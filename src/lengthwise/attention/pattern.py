@@ -1,7 +1,8 @@
 """The Λ pattern as pure functions, and the dense eager reference (tests only: it builds Tq x Tk tensors).
 
 A query at position m sees key n when 0 <= m - n and (n < n_global or m - n < n_local): the first `n_global` tokens
-(the "global" or "sink" tokens) and the last `n_local` tokens (itself included).
+(the "global" or "sink" tokens) and the last `n_local` tokens (itself included). A layer with a sliding window of its
+own (`window`) keeps it: it sees the keys of that rule that are also within m - n < window (Λ ∩ window).
 
 Distance limit. A global key outside the local window is scored as if it sat at distance min(d, cap_n):
 - LM-Infinite (key_anchor "zero"): cap_n = limit = L_pretrain, the same for every global key.
@@ -16,7 +17,7 @@ the score at distance limit - 0 or limit - n. For ALiBi the bias is -slope * min
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,17 +32,27 @@ class LambdaPattern:
     limit: int | None  # None: no distance limit (global keys keep their true distance)
     key_anchor: str = "zero"  # "zero" (LM-Infinite) | "self" (StreamingLLM re-indexing)
     middle: MiddleRetrieval | None = None  # attention to some middle keys (`lengthwise.attention.middle`)
+    window: int | None = None  # the layer's own sliding window (keys at distance >= window are never seen)
 
     def __post_init__(self) -> None:
         if self.key_anchor not in ("zero", "self"):
             raise ValueError(f"key_anchor must be 'zero' or 'self', got {self.key_anchor!r}")
         if self.n_global < 0 or self.n_local < 1:
             raise ValueError(f"need n_global >= 0 and n_local >= 1, got {self.n_global}, {self.n_local}")
+        if self.window is not None and self.window < self.n_local:
+            raise ValueError(f"n_local ({self.n_local}) must not exceed the layer's window ({self.window}): build the "
+                             f"pattern with `within_window`")
         middle = self.middle
         blocks_too_long = middle is not None and middle.top_blocks and middle.block_size > self.n_local
         if middle is not None and (self.key_anchor != "zero" or blocks_too_long):
             raise ValueError("middle retrieval needs key_anchor 'zero' and block_size <= n_local (blocks that hold a "
                              f"middle key are then complete), got {self.key_anchor!r}, {middle.block_size}")
+
+    def within_window(self, window: int | None) -> LambdaPattern:
+        """This pattern on a layer whose own sliding window is `window` (None: a full-attention layer)."""
+        if window is None:
+            return self
+        return replace(self, n_local=min(self.n_local, window), window=window)
 
     def cap(self, k_pos: torch.Tensor) -> torch.Tensor:
         """Largest distance a global key at `k_pos` may appear at (same shape as k_pos)."""
@@ -55,11 +66,16 @@ class RopeEncoding:
 
     inv_freq: torch.Tensor  # (rotary_dim/2,)
     style: str  # "half" | "interleaved"
+    offset: int = 0  # first rotated dim of a head (0, or the unrotated part's width in multi-head latent attention)
+
+    def rotate(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """x (..., T, D) rotated by `angles` (broadcastable to (..., T, rotary_dim/2))."""
+        return rotate(x, angles, self.style, self.offset)
 
     def move(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, D) rotated at p -> rotated at p + shift; shift (B, T)."""
         angles = rotation_angles(shift, self.inv_freq.to(x.device))[:, None]  # (B, 1, T, d/2)
-        return rotate(x, angles, self.style)
+        return self.rotate(x, angles)
 
     def limited_query(self, q: torch.Tensor, q_pos: torch.Tensor, pattern: LambdaPattern) -> torch.Tensor:
         return self.move(q, pattern.limit - q_pos)
@@ -71,6 +87,34 @@ class RopeEncoding:
 @dataclass(frozen=True)
 class AlibiEncoding:
     slopes: torch.Tensor  # (H,) bias = -slope * distance
+
+
+# A layer without position encoding (NoPE layers of SmolLM3, Llama 4, Cohere 2): encoding None; the rule still
+# applies, the distance limit changes no score there.
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """What a model does to attention scores besides positions, applied by every kernel as the model applies it:
+    logit soft-capping `softcap * tanh(score / softcap)` on the scaled scores (Gemma 2), and one sink logit per head
+    that joins every softmax's denominator and carries no value (gpt-oss's `s_aux`)."""
+
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # (H,)
+
+    def __bool__(self) -> bool:
+        return self.softcap is not None or self.sinks is not None
+
+    def capped(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.softcap is None else torch.tanh(scores / self.softcap) * self.softcap
+
+    def sink_part(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sinks as one more part to merge with an output (..., H, Tq, D): zero output, log-sum-exp = sink."""
+        lse = self.sinks.float().to(out.device)[:, None].expand(out.shape[:-1])  # (..., H, Tq)
+        return torch.zeros_like(out), lse
+
+
+NO_MODS = ScoreMods()
 
 
 def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -87,6 +131,8 @@ def lambda_rule(pattern: LambdaPattern, q_pos: torch.Tensor, k_pos: torch.Tensor
     is_global = (k_pos >= 0) & (k_pos < pattern.n_global)  # relative positions (< 0) in band masks are never global
     local = (d >= 0) & (d < pattern.n_local)
     visible = (d >= 0) & (local | is_global)
+    if pattern.window is not None:
+        visible = visible & (d < pattern.window)
     if pattern.limit is None:
         limited = torch.zeros_like(visible)
     else:
@@ -112,9 +158,11 @@ def visibility(q_pos, k_pos, k_valid, pattern: LambdaPattern):
     return visible, limited, d
 
 
-def lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float):
-    """Dense masked Λ attention. q (B, H, Tq, D), k/v (B, Hk, Tk, D), q_pos (B, Tq), k_pos (B, Tk) (long),
-    k_valid (B, Tk) bool or None -> (B, H, Tq, D). A query that sees no key gets 0."""
+def lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
+                               mods: ScoreMods = NO_MODS):
+    """Dense masked Λ attention. q (B, H, Tq, D), k (B, Hk, Tk, D), v (B, Hk, Tk, Dv), q_pos (B, Tq), k_pos (B, Tk)
+    (long), k_valid (B, Tk) bool or None -> (B, H, Tq, Dv). encoding: RopeEncoding, AlibiEncoding or None (no
+    position encoding). A query that sees no key (and no sink) gets 0."""
     heads = q.shape[1]
     kx, vx = expand_heads(k, heads), expand_heads(v, heads)
     scores = (q.float() @ kx.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
@@ -124,15 +172,23 @@ def lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPa
             q_lim = encoding.limited_query(q, q_pos, pattern).float()
             k_anc = expand_heads(encoding.anchored_key(k, k_pos, pattern), heads).float()
             scores = torch.where(limited, (q_lim @ k_anc.transpose(-1, -2)) * scale, scores)
-    elif isinstance(encoding, AlibiEncoding):
+    scores = mods.capped(scores)
+    if isinstance(encoding, AlibiEncoding):
         dist = d.float()
         if pattern.limit is not None:
             dist = torch.where(limited, pattern.cap(k_pos).float()[:, None, None, :], dist)
         scores = scores - encoding.slopes.float().to(q.device)[None, :, None, None] * dist
     if pattern.middle is not None:  # selected middle keys are seen, at the fixed distance
+        if mods:
+            raise ValueError("middle retrieval does not apply soft-capping or sinks")
         check_sequence(k_pos, k_valid)
         middle_scores, selected = middle_selection_reference(q, k, q_pos, k_pos, pattern, encoding, scale)
         scores, visible = torch.where(selected, middle_scores, scores), visible | selected
     scores = scores.masked_fill(~visible, float("-inf"))
+    if mods.sinks is not None:  # one more logit per head in every row, whose value is zero
+        sink = mods.sinks.float().to(q.device)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    if mods.sinks is not None:
+        probs = probs[..., :-1]
     return (probs @ vx.float()).to(q.dtype)

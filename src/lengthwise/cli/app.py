@@ -49,7 +49,7 @@ def declared_encoding(model: str) -> str | None:
     from pathlib import Path  # noqa: PLC0415
 
     from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
-    from lengthwise.models.families import FAMILIES  # noqa: PLC0415
+    from lengthwise.models.families import config_encoding  # noqa: PLC0415
     from lengthwise.models.real import REAL_MODELS  # noqa: PLC0415
 
     if model in REAL_MODELS:
@@ -58,8 +58,7 @@ def declared_encoding(model: str) -> str | None:
     config = folder / "config.json"
     if not config.is_file():
         return None
-    model_type = json.loads(config.read_text()).get("model_type")
-    return FAMILIES.get(model_type, (None,))[0]
+    return config_encoding(json.loads(config.read_text()))
 
 
 def check_methods_fit(model: str, methods: list[str]) -> None:

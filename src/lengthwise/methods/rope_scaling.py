@@ -28,7 +28,7 @@ from lengthwise.registry import register
 from lengthwise.rope import scaling
 from lengthwise.rope.export import to_rope_parameters
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
-from lengthwise.rope.plan import FrequencyPlan
+from lengthwise.rope.plan import POSITION_DEPENDENT_MARK, FrequencyPlan
 from lengthwise.rope.rotation import RotaryLayout, rotary_layout
 from lengthwise.rope.table import (PAPER_LONGROPE, PAPER_NTK, PAPER_PI, PAPER_YARN, ROPE_METHODS, RopeMethod,
                                    make_plan)
@@ -43,8 +43,6 @@ __all__ = [
 # attention implementations that leave positions to the rotary embedding (anything else, e.g. a Λ-attention
 # that re-rotates keys itself, cannot follow per-position or changing frequencies)
 STANDARD_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", None)
-# attribute set on the rotary module while a position-dependent plan is patched in (value: the method's name)
-POSITION_DEPENDENT_MARK = "_lengthwise_position_dependent"
 
 
 def model_geometry(model, layout: RotaryLayout, length: int | None = None) -> scaling.RopeGeometry:

@@ -14,9 +14,10 @@ import types
 
 import torch
 
-from lengthwise.attention.hf import attend
+from lengthwise.attention.alibi import alibi_slopes as paper_slopes
+from lengthwise.attention.hf import attend, shadow_method
 from lengthwise.models.compat import cache_from_kwargs, gptj_rotary_table
-from lengthwise.rope.rotation import rotate, rotation_angles
+from lengthwise.rope.rotation import rotary_layout, rotate, rotation_angles
 
 
 def alibi_slopes(model) -> torch.Tensor:
@@ -26,8 +27,6 @@ def alibi_slopes(model) -> torch.Tensor:
     slopes first, as MPT's reference code orders them."""
     config = model.config
     if config.model_type == "bloom":
-        from lengthwise.lab.encodings.base import alibi_slopes as paper_slopes  # noqa: PLC0415
-
         return paper_slopes(config.n_head).float()
     if config.model_type == "mpt":
         heads, bias_max = config.n_heads, config.attn_config.alibi_bias_max
@@ -121,9 +120,6 @@ def gptj_forward(self, hidden_states, attention_mask=None, position_ids=None, us
 def gptj_rotary_from_formula(model, undo) -> None:
     """Transformers >= 5.24: GPT-J's shared rotary module looks sin/cos up in a table of n_positions rows (an
     IndexError past the training length); compute them from the formula for any position instead, reversibly."""
-    from lengthwise.attention.hf import shadow_method  # noqa: PLC0415
-    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
-
     layout = rotary_layout(model)
 
     def forward(x: torch.Tensor, position_ids: torch.Tensor):
@@ -134,13 +130,21 @@ def gptj_rotary_from_formula(model, undo) -> None:
 
 
 FORWARDS = {"bloom": bloom_forward, "mpt": mpt_forward, "gptj": gptj_forward}
+ATTENTION_CLASSES = {"bloom": "BloomAttention", "mpt": "MptAttention", "gptj": "GPTJAttention"}
+
+
+def adapter_attention_modules(model) -> list:
+    """The attention modules of an adapter family (one per layer, each with its `layer_idx`)."""
+    name = ATTENTION_CLASSES[model.config.model_type]
+    found = [m for m in model.modules() if type(m).__name__ == name and hasattr(m, "layer_idx")]
+    if not found:
+        raise ValueError(f"found no {name} modules with a layer_idx in {type(model).__name__}")
+    return found
 
 
 def replace_attention_forward(model, undo) -> None:
     """Swap in the family's Λ forward on every attention module (modules must already carry their state)."""
-    from lengthwise.attention.hf import attention_modules, shadow_method  # noqa: PLC0415
-
     forward = FORWARDS[model.config.model_type]
-    for module in attention_modules(model):
+    for module in adapter_attention_modules(model):
         shadow_method(module, "forward", types.MethodType(forward, module), undo)
 

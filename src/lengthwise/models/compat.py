@@ -126,6 +126,24 @@ def switch_attn_implementation(model, name: str, undo) -> None:
         undo.setattr(config, "_attn_implementation_internal", name)
 
 
+def layer_types_of(config) -> list[tuple[str, int | None]]:
+    """(type, sliding window) of every layer, as transformers' `DynamicCache(config=...)` reads them
+    (`cache_utils.get_layer_types_and_kwargs`: explicit `layer_types`, else inferred from the sliding window). Types:
+    "full_attention", "sliding_attention", "chunked_attention", "linear_attention", "mamba", "dummy" (KV-sharing or
+    attention-free layers)...; the window is the one a sliding (or chunked) layer's cache keeps."""
+    from transformers.cache_utils import get_layer_types_and_kwargs  # noqa: PLC0415
+
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return [(kind, extra.get("sliding_window")) for kind, extra in zip(types, kwargs)]
+
+
+def cache_layers_of(config) -> list:
+    """The cache layers transformers builds for this config, one per model layer (`DynamicCache(config=...)`)."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    return list(DynamicCache(config=config).layers)
+
+
 def rotary_from_rope_parameters(rotary, rope_parameters: dict[str, Any]):
     """A rotary module of `rotary`'s class, on its device and dtype, built from its config with `rope_parameters`
     instead of its own (the config is copied; the model's is untouched)."""

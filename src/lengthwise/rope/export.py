@@ -100,7 +100,7 @@ def longrope_parameters(config: LongRopeConfig, target: ExportTarget) -> dict[st
 
 def to_rope_parameters(method: str, config: Any, model_or_config: Any) -> dict[str, Any]:
     """`rope_parameters` for `method` with `config` (its dataclass) on a model (or its config)."""
-    from lengthwise.models.families import _pretrain_length  # noqa: PLC0415
+    from lengthwise.models.families import context_length  # noqa: PLC0415
     from lengthwise.rope.table import ROPE_METHODS  # noqa: PLC0415 - the table imports this module
 
     model_config = getattr(model_or_config, "config", model_or_config)
@@ -114,6 +114,6 @@ def to_rope_parameters(method: str, config: Any, model_or_config: Any) -> dict[s
         )
     if method not in ROPE_METHODS:
         raise ValueError(f"no rope_parameters export for {method!r}; accepted: {', '.join(ROPE_METHODS)}")
-    length = getattr(config, "original_max_position_embeddings", None) or _pretrain_length(model_config)
+    length = getattr(config, "original_max_position_embeddings", None) or context_length(model_config)
     params.update(ROPE_METHODS[method].export(config, ExportTarget(model_or_config, params, length)))
     return params

@@ -17,6 +17,9 @@ from lengthwise.rope import scaling
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.rope.scaling import RopeGeometry
 
+# attribute set on the rotary module while a position-dependent plan is patched in (value: the method's name)
+POSITION_DEPENDENT_MARK = "_lengthwise_position_dependent"
+
 
 @dataclass(frozen=True)
 class FrequencyPlan:

@@ -46,10 +46,12 @@ def rotation_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Te
     return positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
 
 
-def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half") -> torch.Tensor:
-    """Rotate the first 2*angles.shape[-1] dims of x (..., T, head_dim) by `angles` (broadcastable to (..., T, d/2))."""
+def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half", offset: int = 0) -> torch.Tensor:
+    """Rotate dims [offset, offset + 2*angles.shape[-1]) of x (..., T, head_dim) by `angles` (broadcastable to
+    (..., T, d/2)); the other dims pass through. offset > 0: the rotated part sits behind unrotated dims (multi-head
+    latent attention concatenates [q_nope | q_rope])."""
     rotary_dim = 2 * angles.shape[-1]
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    before, x_rot, after = x[..., :offset], x[..., offset:offset + rotary_dim], x[..., offset + rotary_dim:]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     if style == "half":
         first, second = x_rot[..., : rotary_dim // 2], x_rot[..., rotary_dim // 2 :]
@@ -59,7 +61,8 @@ def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half") -> torch.
         rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
     else:
         raise ValueError(f"unknown rotary style {style!r}; accepted: 'half', 'interleaved'")
-    return torch.cat([rotated, x_pass], dim=-1) if x_pass.shape[-1] else rotated
+    kept = [part for part in (before, rotated, after) if part.shape[-1]]
+    return torch.cat(kept, dim=-1) if len(kept) > 1 else rotated
 
 
 def find_rotary_slot(model: nn.Module) -> tuple[nn.Module, str] | None:

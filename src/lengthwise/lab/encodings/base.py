@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lengthwise.attention.alibi import alibi_slopes  # noqa: F401 - the lab's encodings import it from here
+
 
 class PositionEncoding(nn.Module):
     name = "base"
@@ -39,17 +41,3 @@ def distance(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()
 
 
-def alibi_slopes(heads: int) -> torch.Tensor:
-    """ALiBi's per-head slopes: the geometric sequence 2^(-8/H), 2^(-16/H), ... (Press et al. 2022, sec. 3);
-    for a head count that is not a power of two, the paper's interleaving of the next power's slopes."""
-    import math
-
-    def power_of_two(n: int) -> list[float]:
-        start = 2 ** (-8 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    if math.log2(heads).is_integer():
-        return torch.tensor(power_of_two(heads))
-    closest = 2 ** math.floor(math.log2(heads))
-    extra = power_of_two(2 * closest)[0::2][: heads - closest]
-    return torch.tensor(power_of_two(closest) + extra)

@@ -1,0 +1,204 @@
+"""Walk transformers' own registry of causal LMs: for every RoPE type, a tiny random model of the type's own config
+class (`lengthwise.zoo`), and for each method either a one-line refusal naming the feature, or checks that what the
+method promises holds on it. Anything else (a wrong logit, an unbounded cache, a traceback) is a defect.
+
+lm-infinite, on a model with training length 64 and its own sliding window 16 (where the type has one):
+- inside the window: default options (n_local = the model's context) give the unpatched model's logits;
+- past it, with n_global 2, n_local 8, distance limit 16: a token outside every layer's window and the receptive
+  field of the last query changes nothing (attention-only models; hybrid models mix every token through their
+  recurrent layers), and every attention layer ran the Λ function;
+- cached decoding (prefill through `handle.new_cache()`, then one token at a time) equals recomputation;
+- every bounded cache layer holds at most globals + window + spare slots + the token being decoded.
+
+The RoPE rescaling methods: each either refuses in one line, or changes every rotated layer's frequencies to its
+plan's (read back from the model's calls by `lengthwise.models.probe`), with the plan's attention factor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lengthwise.errors import UserError
+
+LENGTH, WINDOW = 64, 16  # the tiny models' training length and own sliding window
+SMALL = dict(n_global=2, n_local=8, distance_limit=16)
+TOLERANCE = dict(atol=1e-4, rtol=1e-4)
+ROPE_CHECKS = {"linear": {"factor": 2.0}, "ntk": {"factor": 2.0}, "yarn": {"factor": 2.0}, "llama3": {"factor": 2.0},
+               "longrope": {"factor": 2.0}}
+
+
+@dataclass
+class Outcome:
+    model_type: str
+    method: str
+    status: str  # "served" | "refused" | "not buildable" | "wrong" | "error"
+    detail: str = ""
+    seconds: float = 0.0
+
+    @property
+    def silent_wrong(self) -> bool:
+        return self.status in ("wrong", "error")
+
+
+class Wrong(AssertionError):
+    pass
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tolerance: dict = TOLERANCE) -> None:
+    if a.shape != b.shape or not torch.allclose(a, b, **tolerance):
+        gap = (a - b).abs().max().item() if a.shape == b.shape else float("nan")
+        raise Wrong(f"{what}: max |Δlogit| {gap:.3g}")
+
+
+def _ids(length: int, seed: int = 0, vocab: int = 320) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (1, length), generator=generator)
+
+
+def _logits(model, ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **kwargs).logits.float()
+
+
+def _has_recurrent_layers(model) -> bool:
+    from lengthwise.models.compat import layer_types_of  # noqa: PLC0415
+
+    return any(t not in ("full_attention", "sliding_attention") for t, _ in layer_types_of(model.config))
+
+
+def check_lm_infinite(model, full: bool = False) -> str:
+    """The checks of the module docstring; returns a detail line, raises Wrong or a refusal."""
+    import lengthwise  # noqa: PLC0415
+    from lengthwise.attention.cache import LambdaCacheLayer  # noqa: PLC0415
+    from lengthwise.models.compat import cache_kwargs  # noqa: PLC0415
+
+    inside = _ids(LENGTH - 16)
+    before = _logits(model, inside)
+    impls = ("blocked", "eager") if full else ("blocked",)
+    for impl in impls:
+        with lengthwise.patch(model, "lm-infinite", impl=impl):
+            _close(_logits(model, inside), before, f"inside the training length ({impl})")
+    if not torch.equal(_logits(model, inside), before):
+        raise Wrong("remove() did not restore the model")
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    n = SMALL["n_global"] + layers * SMALL["n_local"] + 12
+    ids = _ids(n, seed=1)
+    own_gap = _own_cache_gap(model, ids)  # a model whose own cached decoding is inexact (Mamba scans) sets the bar
+    tolerance = dict(atol=TOLERANCE["atol"] + 2 * own_gap, rtol=TOLERANCE["rtol"])
+    with lengthwise.patch(model, "lm-infinite", **SMALL) as handle:
+        ran: set[int] = set()
+        states = [m.__dict__["_lengthwise_lambda"] for m in model.modules() if "_lengthwise_lambda" in m.__dict__]
+        for index, state in enumerate(states):  # note the layers that really ran the Λ function
+            state.__dict__["encoding_fn"] = _noting(state.encoding_fn, ran, index)
+        far = _logits(model, ids)
+        if len(ran) != len(states):
+            raise Wrong(f"{len(ran)} of {len(states)} attention layers ran the Λ function")
+        if not _has_recurrent_layers(model):
+            changed = ids.clone()
+            changed[0, SMALL["n_global"] + 1] = (changed[0, SMALL["n_global"] + 1] + 7) % 317 + 3
+            _close(_logits(model, changed)[:, -1], far[:, -1], "a token outside every window moved the last query")
+        # cached decoding == recomputation; the cache stays bounded
+        cache = handle.new_cache()
+        prefill = ids[:, : n - 4]
+        positions = torch.arange(n)[None]  # as generate() passes them (some models count from 0 without them)
+        with torch.no_grad():
+            out = model(input_ids=prefill, position_ids=positions[:, : n - 4], use_cache=True,
+                        **cache_kwargs(model, cache))
+        _close(out.logits[:, -1].float(), far[:, n - 5], "chunked prefill through the bounded cache", tolerance)
+        for step in range(n - 4, n):
+            with torch.no_grad():
+                out = model(input_ids=ids[:, step : step + 1], position_ids=positions[:, step : step + 1],
+                            use_cache=True, **cache_kwargs(model, cache))
+            _close(out.logits[:, -1].float(), far[:, step], f"cached decoding at position {step}", tolerance)
+        bound = SMALL["n_global"] + SMALL["n_local"] + 1
+        for index, layer in enumerate(cache.layers):
+            if isinstance(layer, LambdaCacheLayer) and layer.keys.shape[-2] > bound + layer.slack:
+                raise Wrong(f"cache layer {index} holds {layer.keys.shape[-2]} keys (bound {bound} + {layer.slack})")
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+    gap = f"; the model's own cached decoding is off by {own_gap:.2g}" if own_gap > TOLERANCE["atol"] else ""
+    return f"{len(states)} Λ layers; cache layers {', '.join(kinds)}{gap}"
+
+
+def _own_cache_gap(model, ids) -> float:
+    """Largest |Δlogit| between the unpatched model's cached decoding of the last 4 tokens and its recomputation."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    from lengthwise.models.compat import cache_kwargs  # noqa: PLC0415
+
+    n = ids.shape[1]
+    positions = torch.arange(n)[None]
+    full = _logits(model, ids)
+    cache = DynamicCache(config=model.config)
+    gaps = []
+    with torch.no_grad():
+        model(input_ids=ids[:, : n - 4], position_ids=positions[:, : n - 4], use_cache=True,
+              **cache_kwargs(model, cache))
+        for step in range(n - 4, n):
+            out = model(input_ids=ids[:, step : step + 1], position_ids=positions[:, step : step + 1], use_cache=True,
+                        **cache_kwargs(model, cache))
+            gaps.append(float((out.logits[:, -1].float() - full[:, step]).abs().max()))
+    return max(gaps)
+
+
+def _noting(encoding_fn, ran: set, index: int):
+    def noted():
+        ran.add(index)
+        return encoding_fn()
+
+    return noted
+
+
+def check_rope(model, method: str, options: dict) -> str:
+    """The method changes every rotated layer's frequencies to its plan's, or it refuses (raises)."""
+    import lengthwise  # noqa: PLC0415
+    from lengthwise.models.probe import probe_attention  # noqa: PLC0415
+
+    before = {layer.layer_idx: layer for layer in probe_attention(model, method).layers}
+    with lengthwise.patch(model, method, **options) as handle:
+        plan_freq, factor = handle.undo.plan.scaled(0) if hasattr(handle.undo, "plan") else (None, None)
+        after = probe_attention(model, method).layers
+        changed = 0
+        for layer in after:
+            if layer.rotation is None:
+                continue
+            inv_freq = layer.rotation.inv_freq(model)
+            if plan_freq is not None and not torch.allclose(inv_freq, plan_freq.to(inv_freq), rtol=1e-6):
+                raise Wrong(f"layer {layer.layer_idx} rotates with other frequencies than the {method} plan")
+            changed += not torch.allclose(inv_freq, before[layer.layer_idx].rotation.inv_freq(model).float()
+                                          if before[layer.layer_idx].rotation else inv_freq)
+    return f"{changed} rotated layers rescaled"
+
+
+def walk(types: list[str] | None = None, methods: tuple[str, ...] = ("lm-infinite",), full: bool = False,
+         on_outcome=None) -> list[Outcome]:
+    from lengthwise import zoo  # noqa: PLC0415
+
+    outcomes = []
+    for model_type in types or zoo.rope_causal_lm_types():
+        try:
+            model = zoo.tiny_model(model_type, length=LENGTH, sliding_window=WINDOW)
+        except zoo.NotBuildable as err:
+            outcomes.append(Outcome(model_type, "-", "not buildable", str(err)))
+            continue
+        for method in methods:
+            start = time.perf_counter()
+            try:
+                if method == "lm-infinite":
+                    detail = check_lm_infinite(model, full)
+                else:
+                    detail = check_rope(model, method, ROPE_CHECKS.get(method, {}))
+                outcome = Outcome(model_type, method, "served", detail)
+            except UserError as err:
+                outcome = Outcome(model_type, method, "refused", str(err))
+            except Wrong as err:
+                outcome = Outcome(model_type, method, "wrong", str(err))
+            except Exception as err:  # noqa: BLE001 - a crash is a defect the walk reports, not a refusal
+                outcome = Outcome(model_type, method, "error", f"{type(err).__name__}: {err}".splitlines()[0])
+            outcome.seconds = time.perf_counter() - start
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+    return outcomes

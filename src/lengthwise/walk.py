@@ -26,15 +26,16 @@ from lengthwise.errors import UserError
 LENGTH, WINDOW = 64, 16  # the tiny models' training length and own sliding window
 SMALL = dict(n_global=2, n_local=8, distance_limit=16)
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)
-ROPE_CHECKS = {"linear": {"factor": 2.0}, "ntk": {"factor": 2.0}, "yarn": {"factor": 2.0}, "llama3": {"factor": 2.0},
-               "longrope": {"factor": 2.0}}
+ROPE_CHECKS = {"linear": {"factor": 2.0}, "ntk": {"factor": 2.0}, "dynamic-ntk": {"factor": 2.0},
+               "yarn": {"factor": 2.0}, "llama3": {"factor": 2.0}, "longrope": {"factor": 2.0}}
+METHODS = ("lm-infinite", *ROPE_CHECKS)
 
 
 @dataclass
 class Outcome:
     model_type: str
     method: str
-    status: str  # "served" | "refused" | "not buildable" | "wrong" | "error"
+    status: str  # "served" | "unverified" (applied, not checkable) | "refused" | "not buildable" | "wrong" | "error"
     detail: str = ""
     seconds: float = 0.0
 
@@ -151,28 +152,49 @@ def _noting(encoding_fn, ran: set, index: int):
     return noted
 
 
+class Unverified(Exception):
+    """The method was applied, but the layers' calls cannot be read to check it."""
+
+
 def check_rope(model, method: str, options: dict) -> str:
-    """The method changes every rotated layer's frequencies to its plan's, or it refuses (raises)."""
+    """The method rescales every rotated layer to its plan's frequencies (read back from the layers' own calls), NoPE
+    layers stay unrotated; dynamic-ntk changes nothing inside L. Raises Wrong, Unverified, or the method's refusal."""
     import lengthwise  # noqa: PLC0415
+    from lengthwise.errors import UnsupportedModelError  # noqa: PLC0415
+    from lengthwise.methods.rope_scaling import model_geometry  # noqa: PLC0415
     from lengthwise.models.probe import probe_attention  # noqa: PLC0415
+    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.rope.table import make_plan  # noqa: PLC0415
 
-    before = {layer.layer_idx: layer for layer in probe_attention(model, method).layers}
+    inside = _ids(LENGTH - 16)
+    before = _logits(model, inside)
+    try:
+        rotated = {layer.layer_idx: layer.rotation is not None for layer in probe_attention(model, method).layers}
+    except UnsupportedModelError as err:
+        rotated = err
     with lengthwise.patch(model, method, **options) as handle:
-        plan_freq, factor = handle.undo.plan.scaled(0) if hasattr(handle.undo, "plan") else (None, None)
-        after = probe_attention(model, method).layers
-        changed = 0
-        for layer in after:
-            if layer.rotation is None:
-                continue
-            inv_freq = layer.rotation.inv_freq(model)
-            if plan_freq is not None and not torch.allclose(inv_freq, plan_freq.to(inv_freq), rtol=1e-6):
-                raise Wrong(f"layer {layer.layer_idx} rotates with other frequencies than the {method} plan")
-            changed += not torch.allclose(inv_freq, before[layer.layer_idx].rotation.inv_freq(model).float()
-                                          if before[layer.layer_idx].rotation else inv_freq)
-    return f"{changed} rotated layers rescaled"
+        config = handle.configs[0]
+        plan = make_plan(method, config, model_geometry(model, rotary_layout(model),
+                                                       config.original_max_position_embeddings))
+        if not plan.static:  # dynamic-ntk: the base follows the length past L, nothing changes inside it
+            _close(_logits(model, inside), before, f"{method} inside the training length")
+            return "no change inside L (as documented)"
+        if isinstance(rotated, Exception):
+            raise Unverified(f"applied; its layers' calls cannot be read to check it ({rotated})")
+        expected = plan.scaled(0)[0]
+        for layer in probe_attention(model, method).layers:
+            if (layer.rotation is not None) != rotated[layer.layer_idx]:
+                raise Wrong(f"layer {layer.layer_idx} {'lost' if rotated[layer.layer_idx] else 'gained'} its rotation")
+            if layer.rotation is not None:
+                got = layer.rotation.inv_freq(model).abs()
+                if got.shape != expected.shape or not torch.allclose(got, expected.to(got), rtol=1e-5, atol=0):
+                    raise Wrong(f"layer {layer.layer_idx} rotates with other frequencies than the {method} plan")
+    if not any(rotated.values()):
+        raise Wrong(f"{method} was applied, but no layer rotates")
+    return f"{sum(rotated.values())} rotated layers at the plan's frequencies"
 
 
-def walk(types: list[str] | None = None, methods: tuple[str, ...] = ("lm-infinite",), full: bool = False,
+def walk(types: list[str] | None = None, methods: tuple[str, ...] = METHODS, full: bool = False,
          on_outcome=None) -> list[Outcome]:
     from lengthwise import zoo  # noqa: PLC0415
 
@@ -193,6 +215,8 @@ def walk(types: list[str] | None = None, methods: tuple[str, ...] = ("lm-infinit
                 outcome = Outcome(model_type, method, "served", detail)
             except UserError as err:
                 outcome = Outcome(model_type, method, "refused", str(err))
+            except Unverified as err:
+                outcome = Outcome(model_type, method, "unverified", str(err))
             except Wrong as err:
                 outcome = Outcome(model_type, method, "wrong", str(err))
             except Exception as err:  # noqa: BLE001 - a crash is a defect the walk reports, not a refusal
@@ -202,3 +226,104 @@ def walk(types: list[str] | None = None, methods: tuple[str, ...] = ("lm-infinit
             if on_outcome is not None:
                 on_outcome(outcome)
     return outcomes
+
+
+# ------------------------------------------------------------------------------------------------ the generated table
+BEGIN, END = "<!-- walk:begin -->", "<!-- walk:end -->"
+
+
+def summary(outcomes: list[Outcome]) -> dict:
+    """Counts per method: types walked, served, refused, wrong (silently or by a crash)."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in outcomes:
+        if outcome.method == "-":
+            continue
+        row = counts.setdefault(outcome.method, {"served": 0, "unverified": 0, "refused": 0, "wrong": 0})
+        row["wrong" if outcome.silent_wrong else outcome.status] += 1
+    return counts
+
+
+def markdown(outcomes: list[Outcome]) -> str:
+    """The walk as the section of docs/compatibility.md between BEGIN and END (a test keeps the page equal to it)."""
+    import transformers  # noqa: PLC0415
+
+    types = sorted({o.model_type for o in outcomes})
+    by_type = {t: {o.method: o for o in outcomes if o.model_type == t} for t in types}
+    counts = summary(outcomes)
+    lines = [BEGIN, "", f"Generated by `python -m lengthwise.walk --markdown` on transformers {transformers.__version__}: "
+             f"every causal-LM type it registers whose default config carries `rope_parameters` "
+             f"({len(types)} types), each as a tiny random model of its own config class (`lengthwise.zoo`).", "",
+             "| method | served (checked) | applied, not checkable | refused (one line, naming the feature) | "
+             "silently wrong |", "|---|---|---|---|---|"]
+    for method, row in counts.items():
+        lines.append(f"| `{method}` | {row['served']} of {len(types)} ({100 * row['served'] / len(types):.0f}%) | "
+                     f"{row['unverified']} | {row['refused']} | {row['wrong']} |")
+    lines += ["", "| model type | lm-infinite | RoPE methods |", "|---|---|---|"]
+    for model_type in types:
+        row = by_type[model_type]
+        if "-" in row:
+            lines.append(f"| `{model_type}` | not buildable: {_cell(row['-'].detail)} | |")
+            continue
+        attention = row.get("lm-infinite")
+        rope = [o for m, o in row.items() if m != "lm-infinite"]
+        served = [o.method for o in rope if o.status == "served"]
+        unverified = [o for o in rope if o.status == "unverified"]
+        refused = [o for o in rope if o.status not in ("served", "unverified")]
+        reasons = sorted({_reason(o.detail) for o in refused})
+        rope_text = ", ".join(served) if served else ""
+        if unverified:
+            rope_text += ("; " if rope_text else "") + f"applied, not checkable: {', '.join(o.method for o in unverified)}"
+        if refused:
+            rope_text += ("; " if rope_text else "") + f"refused: {', '.join(o.method for o in refused)} ({'; '.join(reasons)})"
+        lines.append(f"| `{model_type}` | {_status(attention)} | {_cell(rope_text)} |")
+    return "\n".join(lines + ["", END])
+
+
+def _reason(detail: str) -> str:
+    """A refusal without the method's name in front, so methods refused for one reason share it."""
+    for prefix in ("lm-infinite", "linear", "ntk", "dynamic-ntk", "yarn", "llama3", "longrope"):
+        for form in (f"'{prefix}' ", f"{prefix} "):
+            if detail.startswith(form):
+                return detail[len(form):]
+    return detail
+
+
+def _status(outcome: Outcome | None) -> str:
+    if outcome is None:
+        return ""
+    return "served" if outcome.status == "served" else f"{outcome.status}: {_cell(outcome.detail)}"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def replace_section(page: str, section: str) -> str:
+    if BEGIN not in page or END not in page:
+        raise ValueError(f"the page holds no {BEGIN} ... {END} section")
+    head, rest = page.split(BEGIN, 1)
+    return head + section + rest.split(END, 1)[1]
+
+
+def main() -> None:
+    import argparse  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m lengthwise.walk", description=__doc__.splitlines()[0])
+    parser.add_argument("types", nargs="*", help="model types (default: every RoPE causal-LM type)")
+    parser.add_argument("--full", action="store_true", help="also the eager reference kernel")
+    parser.add_argument("--markdown", metavar="PAGE", help="rewrite the generated section of this page")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    outcomes = walk(args.types or None, full=args.full,
+                    on_outcome=None if args.markdown else lambda o: print(f"{o.status:8s} {o.model_type:24s} "
+                                                                           f"{o.method:12s} {o.detail}"))
+    if args.markdown:
+        page = Path(args.markdown)
+        page.write_text(replace_section(page.read_text(), markdown(outcomes)))
+    for method, row in summary(outcomes).items():
+        print(f"{method}: {row}")
+
+
+if __name__ == "__main__":
+    main()

@@ -261,6 +261,12 @@ def _size_kwargs(default: PretrainedConfig, length: int, sliding_window: int | N
                 kw[name] = sliding_window
     for name in {"max_position_embeddings", "max_seq_len"} & fields:
         kw[name] = length
+    # a top-level original length (Phi-3) is the unscaled training length: the same, unless the type ships scaling
+    shipped = isinstance(_get(default, "rope_parameters"), dict) and \
+        _get(default, "rope_parameters").get("rope_type", "default") != "default"
+    if "original_max_position_embeddings" in fields and type(_get(default, "original_max_position_embeddings")) is int \
+            and not shipped:
+        kw["original_max_position_embeddings"] = length
     # special token ids inside the vocabulary: pad/bos/eos 0/1/2, the others (image, audio...) at its top, one id per
     # name across the sub-configs (the image token id of a vision config is the one of its parent)
     for name in sorted(fields):

@@ -21,15 +21,19 @@ from typing import Any
 import torch
 
 from lengthwise.methods.rope_cache import CacheRecord, CacheSync, rerotate_cache
-from lengthwise.models.compat import PatchNotInForce, cache_from_kwargs, rotary_from_rope_parameters
-from lengthwise.models.families import model_info
+from lengthwise.models.compat import (PatchNotInForce, cache_from_kwargs, rotary_from_rope_parameters,
+                                      standard_rope_frequencies)
+from lengthwise.models.families import model_info, shipped_rope_parameters
+from lengthwise.models.probe import probe_attention
 from lengthwise.patching import Undo
+from lengthwise.errors import UnsupportedModelError
 from lengthwise.registry import register
 from lengthwise.rope import scaling
 from lengthwise.rope.export import to_rope_parameters
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.rope.plan import POSITION_DEPENDENT_MARK, FrequencyPlan
 from lengthwise.rope.rotation import RotaryLayout, rotary_layout
+from lengthwise.rope.shipped import resolve_shipped
 from lengthwise.rope.table import (PAPER_LONGROPE, PAPER_NTK, PAPER_PI, PAPER_YARN, ROPE_METHODS, RopeMethod,
                                    make_plan)
 
@@ -52,12 +56,22 @@ def model_geometry(model, layout: RotaryLayout, length: int | None = None) -> sc
 def _require_rotary_module(model, method: str) -> RotaryLayout:
     layout = rotary_layout(model)
     if layout.rotary_module is None:
-        raise ValueError(
-            f"{method!r} patches the shared rotary-embedding module, which {model.config.model_type!r} models do not "
-            f"have (GPT-J keeps a fixed sin/cos table in every attention layer); supported: models with a "
-            f"`rotary_emb` module (llama, mistral, qwen2, qwen3, phi3, gemma, gpt_neox, olmo, granite, ...)"
-        )
+        raise UnsupportedModelError(f"{method!r} rescales the model's rotary-embedding module, which "
+                                    f"{model.config.model_type!r} models do not have (GPT-J keeps a fixed sin/cos "
+                                    f"table)")
     return layout
+
+
+def _rotated_layers(model, method: str, layout: RotaryLayout) -> int | None:
+    """How many attention layers rotate by the rotary module's frequencies, read from their calls
+    (`lengthwise.models.probe`); None where the calls cannot be read (attention outside AttentionInterface)."""
+    try:
+        layers = probe_attention(model, method).layers
+    except UnsupportedModelError:
+        return None
+    path = next(name for name, module in model.named_modules() if module is layout.rotary_module)
+    return sum(layer.rotation is not None and (layer.rotation.path, layer.rotation.attribute) == (path, "inv_freq")
+               for layer in layers)
 
 
 def require_standard_attention(model, method: str, why: str) -> None:
@@ -86,17 +100,54 @@ def _parent_of(model, child) -> torch.nn.Module:
     raise ValueError("rotary module not found in the model")
 
 
-def check_same_frequencies(model, built, plan: FrequencyPlan, method: str, rope_parameters: dict) -> None:
-    """Raise unless transformers' rotary module built from `rope_parameters` computes the plan's frequencies and
-    attention factor (to float32 rounding): the export and the maths must describe one thing."""
-    inv_freq, factor = plan.scaled(0)
-    ours, theirs = inv_freq.double(), built.inv_freq.double().cpu()
+def _gaps(plan: FrequencyPlan, inv_freq: torch.Tensor, factor: float) -> tuple[float, float]:
+    """Largest relative differences of frequencies and attention factor from the plan's."""
+    ours, plan_factor = plan.scaled(0)
+    ours, theirs = ours.double(), inv_freq.double().cpu()
     gap = float(((theirs - ours).abs() / ours.abs()).max()) if ours.shape == theirs.shape else float("inf")
-    factor_gap = abs(float(built.attention_scaling) - factor) / abs(factor)
-    if gap > 1e-6 or factor_gap > 1e-6:
+    return gap, abs(float(factor) - plan_factor) / abs(plan_factor)
+
+
+def check_same_frequencies(model, built, plan: FrequencyPlan, method: str, rope_parameters: dict) -> None:
+    """Raise unless the rotary module built from `rope_parameters` computes the plan's frequencies and attention
+    factor (to float32 rounding). Where transformers' standard function for those parameters disagrees with the plan
+    too, the export and the maths do not describe one thing (PatchNotInForce: a defect of lengthwise); where only the
+    model's own rotary class does (it implements some rope types its own way), the method is refused."""
+    gap, factor_gap = _gaps(plan, built.inv_freq, built.attention_scaling)
+    if gap <= 1e-6 and factor_gap <= 1e-6:
+        return
+    standard = standard_rope_frequencies(model.config, rope_parameters)
+    if standard is None or max(_gaps(plan, *standard)) > 1e-6:
         raise PatchNotInForce(method, model.config.model_type, f"transformers' rotary module built from "
                               f"rope_parameters {rope_parameters} computes other frequencies than lengthwise's plan "
                               f"(largest relative difference {gap:.2e}, attention factor {factor_gap:.2e})")
+    raise UnsupportedModelError(f"{method!r} on model type {model.config.model_type!r}: its rotary module "
+                                f"({type(built).__name__}) implements rope_type {rope_parameters.get('rope_type')!r} "
+                                f"its own way (frequencies {gap:.2e} away from transformers' standard function)")
+
+
+def _output_layout(model, rotary, method: str, inv_freq: torch.Tensor | None = None, scale: float | None = None) -> str:
+    """How the rotary module lays out its (cos, sin) of shape (B, T, rotary_dim): "cat" (angles twice, end to end:
+    Llama and most) or "interleave" (each angle twice in a row: Cohere), checked against `inv_freq` and `scale`
+    (default: the module's own). A per-position plan replaces the module's forward and must write the same layout;
+    a rebuilt module must give the plan's cos/sin; any other output (complex frequencies...) is refused."""
+    device = rotary.inv_freq.device
+    inv_freq = (rotary.inv_freq if inv_freq is None else inv_freq).float().to(device)
+    positions = torch.tensor([[1, 5]], device=device)
+    try:
+        out = rotary(torch.zeros(1, 2, 2 * inv_freq.numel(), device=device), positions)
+        cos = out[0].float()
+    except Exception as err:  # noqa: BLE001 - any other contract is a reason to refuse
+        raise UnsupportedModelError(f"{method!r}: the rotary module of {model.config.model_type!r} does not take "
+                                    f"(x, position_ids (B, T)) -> (cos, sin) as lengthwise calls it "
+                                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    angles = positions[..., None].float() * inv_freq  # (1, 2, d/2)
+    scale = float(getattr(rotary, "attention_scaling", 1.0)) if scale is None else scale
+    for kind, emb in (("cat", torch.cat((angles, angles), -1)), ("interleave", angles.repeat_interleave(2, -1))):
+        if cos.shape == emb.shape and torch.allclose(cos, emb.cos() * scale, atol=1e-5):
+            return kind
+    raise UnsupportedModelError(f"{method!r}: the rotary module of {model.config.model_type!r} gives other cos/sin than "
+                                f"its frequencies say, or lays them out in a way lengthwise does not write")
 
 
 def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on_change: str = "rebuild",
@@ -116,8 +167,16 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
             raise ValueError(f"{method!r}: a static plan is patched in as rope_parameters; none given")
         built = rotary_from_rope_parameters(rotary, rope_parameters)
         check_same_frequencies(model, built, plan, method, rope_parameters)
+        inv_freq, factor = plan.scaled(0)
+        _output_layout(model, built, method, inv_freq, factor)  # and the built module runs, giving those cos/sin
         undo.setattr(layout.owner, layout.slot, built)
         return undo
+    rope_parameters = getattr(model.config.get_text_config(decoder=True), "rope_parameters", None) or {}
+    if getattr(rotary, "mrope_section", None) is not None or "mrope_section" in rope_parameters:
+        raise UnsupportedModelError(f"{method!r} with per-position or length-dependent frequencies: "
+                                    f"{model.config.model_type!r} rotates by multimodal positions (mrope_section), "
+                                    f"which the replaced rotary forward does not take")
+    layout_kind = _output_layout(model, rotary, method)
     undo.setattr(rotary, "rope_type", "default")  # keep transformers' own dynamic/longrope updates out of the way
 
     # marks the rotary module for attention methods patched after this one (Λ attention re-rotates keys with a
@@ -158,7 +217,7 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
                                   f"parent {type(parent).__name__} (the pre-hook that follows the length and the KV "
                                   f"cache was not reached)")
         angles, factor = plan.angles(position_ids, seq_len)
-        emb = torch.cat((angles, angles), dim=-1)
+        emb = torch.cat((angles, angles), dim=-1) if layout_kind == "cat" else angles.repeat_interleave(2, dim=-1)
         return (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)
 
     rotary.forward = forward  # an instance attribute shadows the class's forward
@@ -169,11 +228,18 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
 def _apply(row: RopeMethod):
     def apply(model, config) -> Undo:
         layout = _require_rotary_module(model, row.name)
+        if _rotated_layers(model, row.name, layout) == 0:
+            raise UnsupportedModelError(f"{row.name!r}: no attention layer of this {model.config.model_type!r} model "
+                                        f"rotates by its rotary module (NoPE attention), so rescaling it changes "
+                                        f"nothing")
+        config = resolve_shipped(row.name, config, shipped_rope_parameters(model.config), model_info(model).pretrain_length)
         plan = row.plan(config, model_geometry(model, layout, config.original_max_position_embeddings))
         if not plan.static:
             require_standard_attention(model, row.name, "with per-position or length-dependent frequencies")
         rope_parameters = to_rope_parameters(row.name, config, model) if plan.static else None
-        return apply_plan(model, plan, row.name, layout, getattr(config, "on_change", "rebuild"), rope_parameters)
+        undo = apply_plan(model, plan, row.name, layout, getattr(config, "on_change", "rebuild"), rope_parameters)
+        undo.resolved = config  # what runs: a factor composed with the shipped scaling, the length filled in
+        return undo
 
     apply.__name__ = f"apply_{row.name.replace('-', '_')}"
     return apply

@@ -112,16 +112,18 @@ def gptj_layer_table(attention_module, positions):
 # ------------------------------------------------------------------------------------------- attention implementation
 def switch_attn_implementation(model, name: str, undo) -> None:
     """Point the model and its sub-models at attention implementation `name`; `undo` restores the previous one."""
-    if model._can_set_attn_implementation():
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(name)
-        undo.add(lambda: model.set_attn_implementation(previous))
-        return
     configs = {id(model.config): model.config}
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation_internal"):
             configs[id(config)] = config
+    if model._can_set_attn_implementation():
+        # restored field by field, not by a second set_attn_implementation: that one validates the name and refuses
+        # an implementation the model runs under but transformers does not list (set on the config directly)
+        previous = [(config, config._attn_implementation_internal) for config in configs.values()]
+        model.set_attn_implementation(name)
+        undo.add(lambda: [setattr(config, "_attn_implementation_internal", value) for config, value in previous])
+        return
     for config in configs.values():  # Bloom, MPT: no public switch; only their mask creation reads it
         undo.setattr(config, "_attn_implementation_internal", name)
 
@@ -142,6 +144,21 @@ def cache_layers_of(config) -> list:
     from transformers import DynamicCache  # noqa: PLC0415
 
     return list(DynamicCache(config=config).layers)
+
+
+def standard_rope_frequencies(config, rope_parameters: dict[str, Any]):
+    """(inv_freq, attention factor) of transformers' standard function for `rope_parameters`
+    (`modeling_rope_utils.ROPE_INIT_FUNCTIONS`, on a copy of `config`), or None for a type it has no function for."""
+    import copy  # noqa: PLC0415
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: PLC0415
+
+    function = ROPE_INIT_FUNCTIONS.get(rope_parameters.get("rope_type", "default"))
+    if function is None:
+        return None
+    config = copy.copy(config.get_text_config(decoder=True))
+    config.rope_parameters = dict(rope_parameters)
+    return function(config, None)
 
 
 def rotary_from_rope_parameters(rotary, rope_parameters: dict[str, Any]):

@@ -139,6 +139,29 @@ def _frequency_buffers(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     return found
 
 
+def _keep_rotary_state(model: nn.Module, undo: Undo) -> None:
+    """Restore every rotary module's buffers and plain attributes after the probe: a dynamic module (longrope,
+    dynamic NTK) switches its frequencies when it sees the far position, and the probe must leave the model as it
+    found it."""
+    for module in model.modules():
+        if not any(name.endswith("inv_freq") for name in module._buffers):
+            continue
+        buffers = {name: (b.clone() if b is not None else None) for name, b in module._buffers.items()}
+        plain = {k: v for k, v in vars(module).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+        def restore(module=module, buffers=buffers, plain=plain):
+            for name, value in buffers.items():
+                current = module._buffers.get(name)
+                if current is not None and value is not None and current.shape == value.shape:
+                    current.copy_(value)  # in place: other modules may hold the same tensor
+                else:
+                    module._buffers[name] = value
+            for k, v in plain.items():
+                setattr(module, k, v)
+
+        undo.add(restore)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     rtol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * float(b.abs().max().clamp(min=1e-6))))
@@ -187,6 +210,7 @@ def probe_attention(model: nn.Module, method: str, rotations: bool = True) -> Pr
     undo = Undo()
     _calls = []
     try:
+        _keep_rotary_state(model, undo)
         switch_attn_implementation(model, PROBE_NAME, undo)
         with torch.no_grad():
             model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids), use_cache=False)

@@ -12,6 +12,7 @@ from typing import Any
 from lengthwise.registry import option
 from lengthwise.rope.factors import resolve_factors
 from lengthwise.rope.scaling import longrope_attention_factor
+from lengthwise.rope.shipped import SHIPPED_HELP, check_shipped_option
 
 # help shared by every method of the family
 N_HAT_HELP = "positions < n_hat keep the original frequencies (LongRoPE's un-interpolated start tokens)"
@@ -29,6 +30,7 @@ def _check_common(method: str, config: Any) -> None:
     if isinstance(config.n_hat, bool) or not isinstance(config.n_hat, int) or config.n_hat < 0:
         raise ValueError(f"{method} n_hat must be an integer >= 0 (start tokens kept un-interpolated), "
                          f"got {config.n_hat!r}")
+    check_shipped_option(method, config.shipped)
     length = config.original_max_position_embeddings
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
         raise ValueError(
@@ -47,6 +49,7 @@ class LinearConfig:
     factor: float = option(4.0, "s: every frequency divided by s, i.e. position p is read as p / s")
     n_hat: int = option(0, N_HAT_HELP)
     original_max_position_embeddings: int | None = option(None, LENGTH_HELP)
+    shipped: str = option("compose", SHIPPED_HELP)
 
     def __post_init__(self) -> None:
         _check_factor("linear factor", self.factor)
@@ -58,6 +61,7 @@ class NtkConfig:
     factor: float = option(4.0, "s: rope base b' = b * s^(d/(d-2)); the lowest frequency is divided by s")
     n_hat: int = option(0, N_HAT_HELP)
     original_max_position_embeddings: int | None = option(None, LENGTH_HELP)
+    shipped: str = option("compose", SHIPPED_HELP)
 
     def __post_init__(self) -> None:
         _check_factor("ntk factor", self.factor)
@@ -70,6 +74,7 @@ class DynamicNtkConfig:
                            "base for exactly n/L")
     n_hat: int = option(0, N_HAT_HELP)
     original_max_position_embeddings: int | None = option(None, LENGTH_HELP)
+    shipped: str = option("compose", SHIPPED_HELP)
     on_change: str = option("rebuild", ON_CHANGE_HELP)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,7 @@ class YarnConfig:
     truncate: bool = option(True, "round the ramp ends to whole dims (transformers' default)")
     n_hat: int = option(0, N_HAT_HELP)
     original_max_position_embeddings: int | None = option(None, LENGTH_HELP)
+    shipped: str = option("compose", SHIPPED_HELP)
 
     def __post_init__(self) -> None:
         _check_factor("yarn factor", self.factor)
@@ -107,6 +113,7 @@ class Llama3Config:
     high_freq_factor: float = option(4.0, "wavelengths shorter than L / high_freq_factor are kept")
     n_hat: int = option(0, N_HAT_HELP)
     original_max_position_embeddings: int | None = option(None, LENGTH_HELP)
+    shipped: str = option("compose", SHIPPED_HELP)
 
     def __post_init__(self) -> None:
         _check_factor("llama3 factor", self.factor)
@@ -128,15 +135,24 @@ class LongRopeConfig:
     n_hat: int = option(0, N_HAT_HELP)
     original_max_position_embeddings: int | None = option(
         None, "L, the attention factor's training length and the short/long switch length; default: the model's")
+    shipped: str = option("compose", SHIPPED_HELP)
     factor: float | None = option(
         None, "s, for the attention factor sqrt(1 + ln s / ln L); default: 4 without long_factors, else max(lambda_i)")
     attention_factor: float | None = option(None, "multiplies cos and sin; default sqrt(1 + ln s / ln L)")
     source: str | None = option(None, "the factors file, when the factors were given as a path (kept for results)")
     on_change: str = option("rebuild", "at the short->long switch with a filled KV cache: 'rebuild' recomputes the "
                             "cache (exact), 'rerotate' only re-rotates the cached keys (cheap, approximate)")
+    short_attention_factor: float | None = option(
+        None, "multiplies cos and sin while the short factors are in use (sequence <= L; Phi-3.5's short_mscale); "
+        "default: attention_factor, one factor in both regimes as transformers' longrope")
 
     def __post_init__(self) -> None:
         _check_on_change("longrope", self.on_change)
+        if self.short_attention_factor is not None:
+            _check_factor("longrope short_attention_factor", self.short_attention_factor, 1e-9)
+            if self.short_factors is None:
+                raise ValueError("longrope short_attention_factor applies with short_factors (the regime <= L); "
+                                 "give short_factors too")
         source = next((v for v in (self.long_factors, self.short_factors) if isinstance(v, str)), None)
         long = resolve_factors(self.long_factors, "long", "longrope long_factors")
         short = resolve_factors(self.short_factors, "short", "longrope short_factors")
@@ -174,3 +190,9 @@ class LongRopeConfig:
         if self.attention_factor is not None:
             return float(self.attention_factor)
         return longrope_attention_factor(self.scale, pretrain_length)
+
+    def short_attention(self, pretrain_length: int) -> float:
+        """The factor on cos and sin while the short factors are in use: `short_attention_factor`, else `attention`."""
+        if self.short_attention_factor is not None:
+            return float(self.short_attention_factor)
+        return self.attention(pretrain_length)

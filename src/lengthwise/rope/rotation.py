@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lengthwise.errors import UnsupportedModelError
 from lengthwise.rope.scaling import base_inv_freq
 
 
@@ -66,12 +67,13 @@ def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half", offset: i
 
 
 def find_rotary_slot(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """(owner, attribute name) of the model's shared rotary-embedding module (the one with `inv_freq`), or None."""
-    for name, module in model.named_modules():
-        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
-            owner_name, _, slot = name.rpartition(".")
-            return model.get_submodule(owner_name), slot
-    return None
+    """(owner, attribute name) of the model's one rotary-embedding module: the module holding an `inv_freq` buffer.
+    None when there is none, or several (one per layer type, or per sub-model): then no single module to rescale."""
+    found = [name for name, module in model.named_modules() if "inv_freq" in getattr(module, "_buffers", {})]
+    if len(found) != 1 or not found[0]:
+        return None
+    owner_name, _, slot = found[0].rpartition(".")
+    return model.get_submodule(owner_name), slot
 
 
 def rotary_layout(model: nn.Module) -> RotaryLayout:
@@ -81,7 +83,9 @@ def rotary_layout(model: nn.Module) -> RotaryLayout:
         return RotaryLayout(None, "", config.rotary_dim or head_dim, head_dim, "interleaved", 10000.0)
     found = find_rotary_slot(model)
     if found is None:
-        raise ValueError(f"model type {config.model_type!r} has no rotary embedding module (not a RoPE model?)")
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} has no single rotary-embedding module (a module with an `inv_freq` "
+            f"buffer) to rescale: none, or one frequency set per layer type (Gemma 3, OLMo 3)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_parameters = getattr(config, "rope_parameters", None) or {}
     owner, slot = found

@@ -46,6 +46,8 @@ def test_patch_twice_is_refused_and_remove_allows_again():
 
 def _families_for(name):
     spec = get_method(name)
+    if spec.role == "scoring":  # not a patch: refused by patch() (test below)
+        return []
     families = []
     if "rope" in spec.encodings:
         families += ["llama", "gpt_neox"]
@@ -58,6 +60,15 @@ def _families_for(name):
 FAMILY_ROWS = [(name, family) for family in TINY_FAMILIES for name in ("lm-infinite", "streaming")]
 FAMILY_ROWS += [("yarn", family) for family in ROPE_FAMILIES if family != "gptj"]  # GPT-J: no rotary module
 MATRIX = sorted({(name, family) for name in method_names() for family in _families_for(name)} | set(FAMILY_ROWS))
+
+
+def test_a_scoring_strategy_is_refused_by_patch_with_a_pointer():
+    from lengthwise.errors import UserError  # noqa: PLC0415
+
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="'sliding-window' is a scoring strategy, not a patch.*lengthwise ppl"):
+        api.patch(model, "sliding-window")
+    assert "_lengthwise_handle" not in model.__dict__
 
 
 def test_matrix_has_a_row_for_every_family_of_the_matrix_and_every_adapter():

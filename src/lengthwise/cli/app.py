@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from lengthwise.registry import check_combination, get_method, method_names, parse_method_spec
@@ -74,3 +76,32 @@ def check_methods_fit(model: str, methods: list[str]) -> None:
             if encoding not in accepted:
                 raise typer.BadParameter(f"method {name!r} works on {' and '.join(accepted)} models; model {model!r} "
                                          f"uses {encoding!r} position encoding")
+
+
+DEVICE_HELP = "cpu | cuda | cuda:N | mps | auto (device_map='auto' through accelerate); checked before the model loads"
+DTYPE_HELP = "float32 | bfloat16 | float16 (weights and activations); checked on the device before the model loads"
+DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+DtypeOption = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
+
+
+def check_device_dtype(device: str, dtype: str, ray: str | None = None) -> None:
+    """Refuse, before anything loads, a device torch does not see here, a dtype it cannot run there (a tiny probe:
+    `lengthwise.api.check_device`), and --device/--dtype with --ray (the workers load their own float32 copy)."""
+    import importlib.util  # noqa: PLC0415
+
+    from lengthwise.api import check_device, resolve_dtype  # noqa: PLC0415
+    from lengthwise.errors import UserError  # noqa: PLC0415
+
+    try:
+        resolve_dtype(dtype)
+        if device == "auto":
+            if importlib.util.find_spec("accelerate") is None:
+                raise UserError("--device auto (device_map='auto') needs accelerate: pip install accelerate; or "
+                                "give --device cpu / cuda")
+        else:
+            check_device(device, dtype)
+    except UserError as err:
+        raise typer.BadParameter(str(err)) from None
+    if ray and (device != "cpu" or resolve_dtype(dtype) != resolve_dtype("float32")):
+        raise typer.BadParameter("--ray workers load their own float32 copy on their CPU; --device and --dtype apply "
+                                 "to runs in this process: omit --ray, or --device/--dtype")

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods, check_methods_fit, parse_int_list
+from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+                                check_methods, check_methods_fit, parse_int_list)
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 from lengthwise.cli.tasks import RayOption, ThreadsOption, WorkersOption, cell_pool
 
@@ -65,6 +66,8 @@ def ppl_command(
     workers: WorkersOption = 2,
     threads: ThreadsOption = 0,
     no_wait: NoWaitOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Perplexity by length for one or more methods: table, JSON lines, NLL-by-position plot. With --stream-tokens:
     perplexity of one long stream through each method's bounded cache, NLL by position bucket, resumable."""
@@ -73,7 +76,7 @@ def ppl_command(
             raise typer.BadParameter("--ray runs cells of lengths and methods; the streaming mode (--stream-tokens) "
                                      "is one stream per method: run it without --ray")
         _ppl_stream(model, data, method, chunk_size, out, plot, quiet, stream_tokens, buckets, bucket_scale,
-                    checkpoint_every, stop_after_chunks, not no_wait)
+                    checkpoint_every, stop_after_chunks, not no_wait, device, dtype)
         return
     from lengthwise.api import load_model  # noqa: PLC0415
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
@@ -85,11 +88,12 @@ def ppl_command(
     length_list = parse_int_list(lengths)
     check_methods(method)
     check_methods_fit(model, method)
+    check_device_dtype(device, dtype, ray)
     check_results(out, "ppl", wait=not no_wait)
     check_out_file(plot, "--plot")
     documents = load_corpus(data)
     pool = cell_pool(ray, workers, threads, model)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     records = perplexity(lm, tokenizer, documents, length_list, method, max_docs=max_docs,
                          chunk_size=chunk_size or None, results=ResultsFile(out, wait=not no_wait), model_name=model,
                          data_name=data, progress=not quiet, pool=pool)
@@ -104,7 +108,8 @@ def ppl_command(
 
 def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out: Path, plot: Path | None, quiet: bool,
                 stream_tokens: str, buckets: int, bucket_scale: str, checkpoint_every: str | None,
-                stop_after_chunks: int | None, wait: bool = True) -> None:
+                stop_after_chunks: int | None, wait: bool = True, device: str = "cpu",
+                dtype: str = "float32") -> None:
     """`lengthwise ppl --stream-tokens N`: lengthwise.eval.streaming over the joined documents of --data."""
     import sys  # noqa: PLC0415
 
@@ -118,6 +123,7 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
         raise typer.BadParameter(str(err)) from None
     check_methods(methods)
     check_methods_fit(model, methods)
+    check_device_dtype(device, dtype)
     for spec in methods:
         reason = streaming.unbounded_reason(spec)
         if reason:
@@ -134,7 +140,7 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
     from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
     from lengthwise.report.tables import ppl_table  # noqa: PLC0415
 
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     results = ResultsFile(out, wait=wait)
     checkpoints = out.with_name(out.stem + ".stream")
     records = []
@@ -164,6 +170,8 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
 def demo(
     out: Path = typer.Option(Path("results/demo"), help="folder for the results and the plot"),
     quick: bool = typer.Option(False, help="the bundled tiny model on stdlib files instead (about 30 s)"),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """The main job: the real model (SmolLM2-135M, trained at 8192 tokens) on a held-out PG19 book at 1x and 2x its
     training length, vanilla vs the sliding-window baseline vs lm-infinite. --quick: the bundled tiny RoPE model on
@@ -171,8 +179,10 @@ def demo(
     if quick:
         ppl_command(model="llama-rope-256", data="stdlib", lengths="256,512,1024,2048,4096",
                     method=["vanilla", "sliding-window", "lm-infinite"], max_docs=4,
-                    chunk_size=0, out=out / "ppl.jsonl", plot=out / "ppl.png", quiet=False)
+                    chunk_size=0, out=out / "ppl.jsonl", plot=out / "ppl.png", quiet=False, device=device,
+                    dtype=dtype)
         return
     ppl_command(model="smollm2-135m", data="pg19-dev", lengths="8192,16384",
                 method=["vanilla", "sliding-window:stride=4096", "lm-infinite"], max_docs=1,
-                chunk_size=0, out=out / "ppl_smollm2-135m.jsonl", plot=out / "ppl_smollm2-135m.png", quiet=False)
+                chunk_size=0, out=out / "ppl_smollm2-135m.jsonl", plot=out / "ppl_smollm2-135m.png", quiet=False,
+                device=device, dtype=dtype)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods
+from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+                                check_methods)
 from lengthwise.cli.outputs import check_out_dir
 
 
@@ -27,6 +28,8 @@ def generate_command(
     temp_lora_rank: int = typer.Option(8, min=1, help="Temp-LoRA: LoRA rank (alpha = 2 * rank)"),
     temp_lora_targets: str = typer.Option("all-linear", help="Temp-LoRA: 'all-linear' or module names (q_proj,v_proj)"),
     temp_lora_save: Path = typer.Option(None, help="Temp-LoRA: save the adapter (peft format) to this folder"),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Greedy generation after a prompt, with the model patched by METHOD (optionally with a Temp-LoRA)."""
     import torch  # noqa: PLC0415
@@ -37,6 +40,7 @@ def generate_command(
     if (prompt is None) == (prompt_file is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-file")
     check_methods([method])
+    check_device_dtype(device, dtype)
     if not temp_lora and temp_lora_save is not None:
         raise typer.BadParameter("--temp-lora-save needs --temp-lora")
     check_out_dir(temp_lora_save, "--temp-lora-save")
@@ -48,7 +52,7 @@ def generate_command(
                               temp_lora_targets, temp_lora_lr, temp_lora_steps, True)
         window_method = check_window_method(method)
     text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8", errors="replace")
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise typer.BadParameter("the prompt is empty")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import MODEL_HELP, app, check_methods_fit
+from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype, check_methods_fit
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 from lengthwise.cli.tasks import (SCALED_HELP, RayOption, ThreadsOption, WorkersOption, _checked, _parse_numbers,
                                   cell_pool)
@@ -33,6 +33,8 @@ def ruler_command(
     workers: WorkersOption = 2,
     threads: ThreadsOption = 0,
     no_wait: NoWaitOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """RULER-style tasks (needle variants, variable tracking, common words): recall by (method, task, length)."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -47,6 +49,7 @@ def ruler_command(
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
     check_methods_fit(model, method)
+    check_device_dtype(device, dtype, ray)
     check_results(out, "ruler", wait=not no_wait)
     check_out_file(plot, "--plot")
     text = None
@@ -55,7 +58,7 @@ def ruler_command(
 
         text = " ".join(doc.text for doc in _checked(load_corpus, haystack))
     pool = cell_pool(ray, workers, threads, model)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     records = ruler(lm, tokenizer, task_list, length_list, depth_list, method, samples=samples, seed=seed,
                     haystack=text, haystack_name=haystack, results=ResultsFile(out, wait=not no_wait), model_name=model,
                     progress=not quiet, pool=pool)

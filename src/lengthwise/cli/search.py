@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import MODEL_HELP, app
+from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype
 from lengthwise.cli.outputs import NoWaitOption, check_out_dir, lock_output
 
 
@@ -38,6 +38,8 @@ def search_command(
     workers: int = typer.Option(2, min=1, help="Ray workers (one model copy each)"),
     threads: int = typer.Option(None, min=1, help="torch threads per evaluation (equal => serial == Ray)"),
     no_wait: NoWaitOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Search LongRoPE rescale factors λ_i (monotone, grid 0.01, in [1, 1.25 s]) and n_hat; fitness = perplexity."""
     from dataclasses import replace  # noqa: PLC0415
@@ -59,12 +61,13 @@ def search_command(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     short_config = replace(config, iterations=short_iterations) if short_iterations else None
+    check_device_dtype(device, dtype, ray_address)
     check_out_dir(out)
     lock_output(out, not no_wait)  # before the model loads; the search resumes what another run checkpointed
     if not ray_address:
         typer.echo("fitness evaluations run serially in this process" +
                    ("" if ray_available() else " (Ray is not installed; pip install 'lengthwise[ray]' for --ray-address)"))
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     documents = load_corpus(data)
 
     def show(phase: str, row: dict) -> None:

@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods_fit
+from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+                                check_methods_fit)
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 
 console = Console()
@@ -86,6 +87,8 @@ def passkey_command(
     workers: WorkersOption = 2,
     threads: ThreadsOption = 0,
     no_wait: NoWaitOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Passkey retrieval accuracy by (method, length, depth): table, JSON lines, heat-map."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -98,11 +101,13 @@ def passkey_command(
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
     _checked(check_specs, method)
     check_methods_fit(model, method)
+    check_device_dtype(device, dtype, ray)
     check_results(out, "passkey", wait=not no_wait)
     check_out_file(plot, "--plot")
     pool = cell_pool(ray, workers, threads, model)
-    lm, tokenizer = load_model(model)
-    _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), logits=8)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib),
+             device=str(next(lm.parameters()).device), logits=8)
     records = passkey(lm, tokenizer, length_list, depth_list, method, trials=trials, seed=seed,
                       results=ResultsFile(out, wait=not no_wait), model_name=model, progress=not quiet, pool=pool)
     _print_tables(records)
@@ -125,6 +130,8 @@ def gen_quality_command(
     plot: Path = typer.Option(None, help="PNG of BLEU and ROUGE-L by prefix length (default: next to --out)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     no_wait: NoWaitOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """BLEU and ROUGE-L of 100 greedy tokens after an N-token prefix, by (method, N)."""
     from lengthwise.api import load_model  # noqa: PLC0415
@@ -137,12 +144,13 @@ def gen_quality_command(
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 1, "prefix length")
     _checked(check_specs, method)
     check_methods_fit(model, method)
+    check_device_dtype(device, dtype)
     check_results(out, "gen-quality", wait=not no_wait)
     check_out_file(plot, "--plot")
     documents = _checked(load_corpus, data)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     _checked(check_memory, lm, [n + new_tokens for n in length_list], method, limit_bytes=gib(memory_limit_gib),
-             logits=1)
+             device=str(next(lm.parameters()).device), logits=1)
     records = _checked(gen_quality, lm, tokenizer, documents, length_list, method, new_tokens=new_tokens,
                        max_docs=max_docs, results=ResultsFile(out, wait=not no_wait), model_name=model, data_name=data,
                        seed=seed, progress=not quiet)
@@ -159,8 +167,8 @@ def bench_command(
     lengths: str = typer.Option("256,1024,4096", help="comma-separated prompt lengths in tokens"),
     method: list[str] = typer.Option(["vanilla", "lm-infinite", "streaming"], "--method", "-m", help=SCALED_HELP),
     decode_steps: int = typer.Option(8, min=1, help="tokens decoded one at a time after the prefill"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     threads: int = typer.Option(0, min=0, help="torch CPU threads (0: torch's default)"),
     hidden: int = typer.Option(256, min=2, help="model=llama: hidden size"),
     layers: int = typer.Option(4, min=1, help="model=llama: layers"),
@@ -182,13 +190,11 @@ def bench_command(
     from lengthwise.eval.speed import bench, build_llama  # noqa: PLC0415
     from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib  # noqa: PLC0415
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter(f"device {device!r} asked for, but torch sees no CUDA device; accepted here: cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise typer.BadParameter(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N")
+    from lengthwise.api import resolve_dtype  # noqa: PLC0415
+
+    check_device_dtype(device, dtype)
+    if model == "llama" and device == "auto":
+        raise typer.BadParameter("--device auto places a loaded model; the built model=llama takes cpu, cuda or cuda:N")
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 2, "bench length")
     _checked(check_specs, method)
     check_results(out, "bench", wait=not no_wait)
@@ -196,14 +202,15 @@ def bench_command(
         torch.set_num_threads(threads)
     if model == "llama":
         lm = _checked(build_llama, hidden, layers, heads, kv_heads or None, mlp or None, vocab, train_length, seed,
-                      dtypes[dtype]).to(device)
+                      resolve_dtype(dtype), device=device).to(device)
         model_name = f"llama(hidden={hidden},layers={layers},heads={heads},kv_heads={kv_heads or heads},"
         model_name += f"mlp={mlp or 3 * hidden},vocab={vocab},train_length={train_length})"
     else:
         from lengthwise.api import load_model  # noqa: PLC0415
 
-        lm, _ = load_model(model, dtype=dtypes[dtype], device=device)
+        lm, _ = load_model(model, dtype=dtype, device=device)
         model_name = model
+    device = str(next(lm.parameters()).device)
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), device=device, logits=1)
     records = bench(lm, length_list, method, decode_steps=decode_steps, seed=seed,
                     results=ResultsFile(out, wait=not no_wait), model_name=model_name, progress=not quiet)

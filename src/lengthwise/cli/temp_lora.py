@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import MODEL_HELP, app, parse_int_list
+from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype, parse_int_list
 from lengthwise.cli.outputs import NoWaitOption, check_results
 
 temp_lora_app = typer.Typer(help="Temp-LoRA (seed 003): a temporary LoRA trained at inference time on the text read.",
@@ -67,6 +67,8 @@ def eval_command(
     baseline: bool = typer.Option(True, help="also run the same windows without the LoRA"),
     out: Path = typer.Option(Path("results/temp_lora.jsonl"), help="JSON-lines results (resumable)"),
     no_wait: NoWaitOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Score each chunk, then train the LoRA on it; report PPL by context position against no LoRA."""
     from dataclasses import replace  # noqa: PLC0415
@@ -81,12 +83,13 @@ def eval_command(
     config = build_config(chunk, window, keep, rank, alpha, targets, lr, steps, reuse_cache)
     method = check_window_method(method)
     edges = (0, *parse_int_list(buckets, "bucket edges"))
+    check_device_dtype(device, dtype)
     check_results(out, "temp-lora", wait=not no_wait)
     try:
         documents = load_corpus(data)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from None
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     try:
         check_targets(lm, config.target_modules)
         docs = select_documents(documents, tokenizer, max_docs, max_tokens or None, min_tokens, not corpus_order)

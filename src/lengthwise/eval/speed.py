@@ -33,8 +33,11 @@ WARMUP_TOKENS = 32
 
 def build_llama(hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
                 mlp: int | None = None, vocab: int = 2048, train_length: int = 256, seed: int = 0,
-                dtype: torch.dtype = torch.float32):
-    """A randomly initialised Llama-shaped model built in code (no download), SDPA attention, for speed sweeps."""
+                dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "sdpa"):
+    """A randomly initialised Llama-shaped model built in code (no download), SDPA attention, for speed sweeps.
+
+    On the CPU it is built as always (float32, then cast: records stay comparable); on another device (a GPU) its
+    weights are initialised there and in `dtype`, so a 7B shape needs no float32 copy in host memory."""
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
     for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads), ("vocab", vocab),
@@ -48,10 +51,19 @@ def build_llama(hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: in
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp or 3 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=train_length, attn_implementation="sdpa",
+                         max_position_embeddings=train_length, attn_implementation=attn_implementation,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    if torch.device(device).type == "cpu":
+        return LlamaForCausalLM(config).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(dtype).eval()
 
 
 def _rss_kib(key: str) -> float:
@@ -130,8 +142,10 @@ def cache_bytes(cache) -> int | None:
 
 
 @torch.no_grad()
-def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_length: int) -> dict:
-    """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes."""
+def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_length: int,
+             chunk_size: int | None = None) -> dict:
+    """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes. `chunk_size`:
+    prefill that many tokens per forward call through the cache (None: one call), as long prompts are fed."""
     device = ids.device
     if is_scoring(spec):
         window = resolve_sliding_window(spec, pretrain_length).window
@@ -156,7 +170,13 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
         def step(chunk: torch.Tensor) -> torch.Tensor:
             return model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
 
-        prefill, logits = _timed(lambda: step(ids), device)
+        def prefill_chunks() -> torch.Tensor:
+            out = None
+            for start in range(0, ids.shape[1], chunk_size or ids.shape[1]):
+                out = step(ids[:, start : start + (chunk_size or ids.shape[1])])
+            return out
+
+        prefill, logits = _timed(prefill_chunks, device)
         times = []
         for _ in range(decode_steps):
             seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): step(t), device)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lengthwise
-from lengthwise.attention.pattern import expand_heads, lambda_scores
+from lengthwise.attention.pattern import expand_heads
+from lengthwise.attention.reference import lambda_scores
 from lengthwise.cli import main
 from lengthwise.eval import diagnose as dg
 from lengthwise.testing import tiny_model

@@ -14,8 +14,8 @@ if not torch._dynamo.is_dynamo_supported():  # flex_attention runs through dynam
 from lengthwise.attention import flex  # noqa: E402
 from lengthwise.testing import left_padded_positions, random_qkv  # noqa: E402
 from lengthwise.attention.flex import lambda_attention_flex  # noqa: E402
-from lengthwise.attention.pattern import (AlibiEncoding, LambdaPattern, RopeEncoding,  # noqa: E402
-                                          lambda_attention_reference)
+from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding  # noqa: E402
+from lengthwise.attention.reference import lambda_attention_reference  # noqa: E402
 
 D = 16
 ENCODINGS = {

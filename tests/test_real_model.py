@@ -14,7 +14,7 @@ from lengthwise import api
 from lengthwise.models import compat, real
 from lengthwise.models.real import REAL_MODELS, convert_gguf, find_gguf, installed_file, prune_stale
 from lengthwise.registry import get_method
-from lengthwise.rope.export import to_rope_parameters
+from lengthwise.rope.table import to_rope_parameters
 
 REAL = REAL_MODELS["smollm2-135m"]
 SENTENCE = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. Ships passing in the night "

@@ -15,7 +15,7 @@ from lengthwise import api
 from lengthwise.methods.rope_scaling import LongRopeConfig, make_plan
 from lengthwise.registry import check_combination, get_method
 from lengthwise.rope import scaling as S
-from lengthwise.rope.export import to_rope_parameters
+from lengthwise.rope.table import to_rope_parameters
 from lengthwise.rope.factors import read_factors_file, save_factors
 from lengthwise.testing import random_ids, tiny_model
 from lengthwise.models.compat import cache_kwargs

@@ -8,11 +8,19 @@ from typing import Any
 
 from lengthwise.errors import UserError
 from lengthwise.models.families import require_encoding
+from lengthwise.models.real import REAL_MODELS, convert_gguf, find_gguf
 from lengthwise.patching import Undo
 from lengthwise.registry import check_combination, get_method, parse_method_spec
 
 REFERENCE_MODELS_DIR = Path(__file__).parent / "reference_models"
 LAB_MARKER = "lengthwise_lab.json"  # a model saved by the position-encoding lab in its own format
+# marker file -> loader(path, device) -> (model, tokenizer), for folders in a format of the harness (the lab registers
+# LAB_MARKER when `lengthwise.lab` is imported): the core never imports the harness
+FOLDER_LOADERS: dict[str, Any] = {}
+
+
+def register_folder_loader(marker: str, loader) -> None:
+    FOLDER_LOADERS[marker] = loader
 
 
 def bundled_models() -> list[str]:
@@ -23,8 +31,6 @@ def bundled_models() -> list[str]:
 
 def resolve_model_path(name_or_path: str) -> str:
     """A loadable HF folder (or hub id) for a bundled name, a folder, a GGUF file or folder, or a real model name."""
-    from lengthwise.models.real import convert_gguf, find_gguf  # noqa: PLC0415
-
     if name_or_path in bundled_models():
         return str(REFERENCE_MODELS_DIR / name_or_path)
     gguf = find_gguf(name_or_path)
@@ -38,8 +44,6 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return str(path)
     if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
-        from lengthwise.models.real import REAL_MODELS  # noqa: PLC0415
-
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a bundled model ({', '.join(bundled_models())}), a real model "
             f"({', '.join(REAL_MODELS)}), a model folder, a .gguf file, nor a hub id (ORG/NAME)")
@@ -230,9 +234,10 @@ def load_model(name_or_path: str, dtype: Any = None, device: str | None = "cpu",
         device = check_device(device, torch_dtype)
     path = resolve_model_path(name_or_path)
     if (Path(path) / LAB_MARKER).exists():
-        from lengthwise.lab.model import load_lab_model  # noqa: PLC0415
-
-        model, tokenizer = load_lab_model(path, device=device)
+        if LAB_MARKER not in FOLDER_LOADERS:
+            raise UserError(f"{path} is a position-encoding lab model: `import lengthwise.lab` (the harness; "
+                            f"pip install 'lengthwise[lab]') registers its loader")
+        model, tokenizer = FOLDER_LOADERS[LAB_MARKER](path, device=device)
         return model.to(torch_dtype), tokenizer
     hub_id = not Path(path).exists()
     extra = {"device_map": device_map} if device_map is not None else {}
@@ -296,11 +301,11 @@ def _normalise(method: MethodArg, config: dict[str, Any]) -> list[tuple[str, dic
         parts = parse_method_spec(method)
         if config:
             if len(parts) != 1:
-                raise ValueError("keyword options apply to a single method; use 'a:k=v+b:k=v' for several")
+                raise UserError("keyword options apply to a single method; use 'a:k=v+b:k=v' for several")
             parts = [(parts[0][0], {**parts[0][1], **config})]
         return parts
     if config:
-        raise ValueError("with a list of methods, give options as (name, {options}) pairs")
+        raise UserError("with a list of methods, give options as (name, {options}) pairs")
     parts = []
     for item in method:
         if isinstance(item, str):

@@ -68,7 +68,7 @@ metric_list:
 
 
 def export_ruler_task(folder: str | Path, tokenizer, length: int, samples: int, depth: float = 0.5) -> str:
-    """Write a RULER niah_single task (our generator) as a harness task in `folder`: JSON lines + task YAML
+    """Write a RULER niah_single task (lengthwise's generator) as a harness task in `folder`: JSON lines + task YAML
     (generate_until, the first number of the answer, exact match). Returns the task name (for `--include_path`)."""
     from lengthwise.data.ruler import make_ruler_sample  # noqa: PLC0415
 

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from lengthwise.errors import UserError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -49,12 +50,12 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", remedy: str = "d
     except pickle.UnpicklingError as err:
         found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
         found = found.split("Unsupported global:")[-1].split(" was not")[0].strip()
-        raise ValueError(f"{what} {path} holds more than tensors and plain containers ({found or 'an object'}); "
+        raise UserError(f"{what} {path} holds more than tensors and plain containers ({found or 'an object'}); "
                          f"lengthwise does not unpickle code from files (torch.load weights_only=True): {remedy}"
                          ) from None
     except Exception as err:  # noqa: BLE001 - a torn or foreign file: one line, not a traceback
         message = " ".join(str(err).split())[:200]
-        raise ValueError(f"{what} {path} cannot be read ({type(err).__name__}: {message}); {remedy}") from None
+        raise UserError(f"{what} {path} cannot be read ({type(err).__name__}: {message}); {remedy}") from None
 
 
 def drop_torn_tail(path: Path) -> None:

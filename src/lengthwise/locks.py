@@ -96,7 +96,7 @@ def _acquire(path: Path, target: Path, wait: bool, log) -> int:
                         "(--no-wait stops instead)")
                 waited = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            if not _same_file(fd, path):  # the previous holder removed the file before we got its lock
+            if not _same_file(fd, path):  # the previous holder removed the file before this process got its lock
                 os.close(fd)
                 continue
             os.ftruncate(fd, 0)

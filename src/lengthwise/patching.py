@@ -40,6 +40,15 @@ class Undo:
 
         self._undo.append(restore)
 
+    def shadow(self, obj: Any, name: str, function: Callable) -> None:
+        """Shadow a method of `obj` with an instance attribute; `remove()` deletes it again, restoring the class's
+        method exactly (where `setattr` would leave a bound copy behind in the instance). The one way lengthwise
+        overrides a method on an instance; a second override of the same name is refused."""
+        if name in obj.__dict__:
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
+        obj.__dict__[name] = function
+        self._undo.append(lambda: obj.__dict__.pop(name, None))
+
     def add(self, restore: Callable[[], None]) -> None:
         """Register an arbitrary restore action (e.g. a hook handle's `remove`)."""
         self._undo.append(restore)

@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from lengthwise.errors import UserError
 
 # What part of the model a method changes. Two methods with the same role cannot be stacked.
 # phrased to follow "both ..." and "methods that ..." in the combination errors
@@ -44,7 +45,7 @@ class MethodSpec:
         names = [f.name for f in dataclasses.fields(self.config_cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
                 f"{', '.join(names) or '(none)'}"
             )
@@ -70,32 +71,26 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register(name: str, config_cls: type, *, role: str, summary: str, paper: str = "", **extra: Any):
     if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; accepted: {', '.join(ROLES)}")
+        raise UserError(f"unknown role {role!r}; accepted: {', '.join(ROLES)}")
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config of {name!r} must be a dataclass")
 
     def decorator(apply: Callable[[Any, Any], Any]):
         if name in _REGISTRY and _REGISTRY[name].apply is not apply:
-            raise ValueError(f"method {name!r} is already registered")
+            raise UserError(f"method {name!r} is already registered")
         _REGISTRY[name] = MethodSpec(name, config_cls, apply, role, summary, paper, **extra)
         return apply
 
     return decorator
 
 
-def _load_builtin_methods() -> None:
-    import lengthwise.methods  # noqa: F401, PLC0415 - registers every built-in method
-
-
 def method_names() -> list[str]:
-    _load_builtin_methods()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(sorted(_REGISTRY))}")
+        raise UserError(f"unknown method {name!r}; accepted: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -152,14 +147,14 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     for piece in spec.split("+"):
         piece = piece.strip()
         if not piece:
-            raise ValueError(f"empty method in spec {spec!r}")
+            raise UserError(f"empty method in spec {spec!r}")
         name, _, options = piece.partition(":")
         kwargs: dict[str, Any] = {}
         if options:
             for item in split_options(options):
                 key, eq, value = item.partition("=")
                 if not eq:
-                    raise ValueError(f"option {item!r} in {piece!r} is not key=value")
+                    raise UserError(f"option {item!r} in {piece!r} is not key=value")
                 kwargs[key.strip().replace("-", "_")] = _parse_value(value.strip())
         get_method(name)  # validates the name
         parts.append((name, kwargs))
@@ -187,9 +182,9 @@ def check_combination(names: list[str]) -> None:
     seen: dict[str, str] = {}
     for spec in specs:
         if spec.role in ("none", "scoring") and len(specs) > 1:
-            raise ValueError(f"{spec.name!r} cannot be combined with other methods ({', '.join(names)})")
+            raise UserError(f"{spec.name!r} cannot be combined with other methods ({', '.join(names)})")
         if spec.role in seen:
-            raise ValueError(
+            raise UserError(
                 f"{seen[spec.role]!r} and {spec.name!r} both {ROLES[spec.role]}; combine at most one of each role"
             )
         seen[spec.role] = spec.name
@@ -197,7 +192,7 @@ def check_combination(names: list[str]) -> None:
         if spec.composable_with:
             for other in specs:
                 if other is not spec and other.role not in spec.composable_with:
-                    raise ValueError(
+                    raise UserError(
                         f"{spec.name!r} can be combined only with methods that "
                         f"{' or '.join(ROLES[r] for r in spec.composable_with)}; not with {other.name!r}"
                     )

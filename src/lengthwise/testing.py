@@ -11,6 +11,7 @@ import functools
 import torch
 
 from lengthwise.models.families import ADAPTER_FAMILIES
+from lengthwise.errors import UserError
 
 # The rows of the shared (method, family) test matrix: hand-written tiny configs of representative families, every
 # adapter family among them (a test checks). Every other RoPE type transformers registers is walked by
@@ -59,7 +60,7 @@ def _config(family: str, length: int, **overrides):
         cfg = tf.MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=length,
                            attn_config={"alibi": True}, **common)
     else:
-        raise ValueError(f"unknown tiny family {family!r}; accepted: {', '.join(TINY_FAMILIES)}")
+        raise UserError(f"unknown tiny family {family!r}; accepted: {', '.join(TINY_FAMILIES)}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

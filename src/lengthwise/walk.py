@@ -300,7 +300,7 @@ def _cell(text: str) -> str:
 
 def replace_section(page: str, section: str) -> str:
     if BEGIN not in page or END not in page:
-        raise ValueError(f"the page holds no {BEGIN} ... {END} section")
+        raise UserError(f"the page holds no {BEGIN} ... {END} section")
     head, rest = page.split(BEGIN, 1)
     return head + section + rest.split(END, 1)[1]
 

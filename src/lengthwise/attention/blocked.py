@@ -21,6 +21,7 @@ from lengthwise.attention.middle import check_sequence, middle_part
 from lengthwise.attention.pattern import (NO_MODS, AlibiEncoding, LambdaPattern, RopeEncoding, ScoreMods, expand_heads,
                                           visibility)
 from lengthwise.attention.softmax import softmax_with_lse
+from lengthwise.errors import UserError
 
 
 def global_candidates(k_pos: torch.Tensor, k_valid: torch.Tensor | None, n_global: int) -> int:
@@ -152,7 +153,7 @@ def lambda_attention_blocked(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPatt
     middle = None
     if pattern.middle is not None:
         if mods:
-            raise ValueError("middle retrieval does not apply soft-capping or sinks")
+            raise UserError("middle retrieval does not apply soft-capping or sinks")
         check_sequence(k_pos, k_valid)
         middle = middle_part(q, k, v, q_pos, k_pos, pattern, encoding, scale, index)  # (B,H,Tq,D), (B,H,Tq)
     offset = k.shape[2] - Tq  # key index of query 0

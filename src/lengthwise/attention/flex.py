@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from lengthwise.attention.blocked import global_candidates
 from lengthwise.attention.pattern import (NO_MODS, AlibiEncoding, LambdaPattern, RopeEncoding, ScoreMods, expand_heads,
-                                         lambda_attention_reference, lambda_rule)
+                                         lambda_rule)
+from lengthwise.attention.reference import lambda_attention_reference
 
 COMPILE: bool | None = None  # None: compile where it can (see the module docstring); False: eager flex; True: force
 BUCKET_SHAPES: bool | None = None  # pad Tq/Tk to powers of two; None: only when compiled (static shapes)

@@ -24,7 +24,8 @@ from lengthwise.attention.blocked import lambda_attention_blocked
 from lengthwise.attention.cache import LambdaCache, LambdaCacheLayer
 from lengthwise.attention.flex import lambda_attention_flex
 from lengthwise.attention.middle import BlockIndex
-from lengthwise.attention.pattern import NO_MODS, LambdaPattern, ScoreMods, lambda_attention_reference
+from lengthwise.attention.pattern import NO_MODS, LambdaPattern, ScoreMods
+from lengthwise.attention.reference import lambda_attention_reference
 from lengthwise.models.compat import CACHE_NAMES, PatchNotInForce, cache_from_kwargs, cache_kwargs
 from lengthwise.models.masks import NotCausalWithWindow, mask_window, tag, window_of
 from lengthwise.models.probe import HARMLESS_KEYWORDS, SERVED_KEYWORDS
@@ -203,13 +204,4 @@ def use_cache_in_generate(model, cache_factory, undo, owner: tuple[str, str]) ->
             hook.remove()
 
     generate.__doc__ = original.__doc__
-    shadow_method(model, "generate", generate, undo)
-
-
-def shadow_method(obj, name: str, function, undo) -> None:
-    """Shadow a method with an instance attribute; `undo` deletes it again (restoring the class's method exactly,
-    where `Undo.setattr` would leave a bound copy behind in the instance)."""
-    if name in obj.__dict__:
-        raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
-    obj.__dict__[name] = function
-    undo.add(lambda: obj.__dict__.pop(name, None))
+    undo.shadow(model, "generate", generate)

@@ -18,7 +18,7 @@ from lengthwise.attention.cache import LambdaCache, LambdaCacheLayer, LambdaHybr
 from lengthwise.attention.hf import ATTN_NAME, LambdaState, install_states, use_cache_in_generate
 from lengthwise.attention.middle import MiddleRetrieval
 from lengthwise.attention.pattern import AlibiEncoding, LambdaPattern, RopeEncoding
-from lengthwise.errors import UnsupportedModelError
+from lengthwise.errors import UnsupportedModelError, UserError
 from lengthwise.models import adapters
 from lengthwise.models.compat import (PatchNotInForce, cache_kwargs, cache_layers_of, gptj_uses_attention_interface,
                                       switch_attn_implementation)
@@ -36,7 +36,7 @@ def require_single_frequency_set(model, method: str) -> None:
     other = next((getattr(m, POSITION_DEPENDENT_MARK) for m in model.modules() if hasattr(m, POSITION_DEPENDENT_MARK)),
                  None)
     if other is not None:
-        raise ValueError(
+        raise UserError(
             f"{method!r} cannot follow {other!r} with per-position or length-dependent frequencies (n_hat > 0, "
             f"dynamic-ntk, longrope short_factors): the distance limit re-rotates keys with one set of frequencies. "
             f"Use a static setting (n_hat=0, no short_factors), e.g. 'yarn:factor=4+{method}'"
@@ -118,7 +118,7 @@ def install_lambda(model, pattern: LambdaPattern, method: str, impl: str = "bloc
         adapters.replace_attention_forward(model, undo)
     elif gptj_uses_attention_interface(model):
         adapters.gptj_rotary_from_formula(model, undo)
-    switch_attn_implementation(model, ATTN_NAME, undo)  # also routes mask creation to our O(n) padding mask
+    switch_attn_implementation(model, ATTN_NAME, undo)  # also routes mask creation to lengthwise's O(n) padding mask
     owner = (method, info.model_type)
     num_layers = len(layer_types) if layer_types is not None else info.num_layers
 

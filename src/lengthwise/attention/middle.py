@@ -16,9 +16,9 @@ distance, like the distance limit does for global keys:
   so the block holding a query's best key ranks at least as high as that key. The queries of one group (positions
   sharing `position // query_group`) pick the `top_blocks` blocks whose best box any of them scores highest, and
   attend to those blocks' middle keys. Per query the cost is O(blocks x representatives) for scoring, plus
-  top_blocks x block_size keys. With `order="kept"` (ours) the selected blocks are not all read at one distance:
-  laid end to end in text order, the last key of the nearest one at `distance`, every earlier key one further back,
-  so the retrieved text keeps its word order (a passkey's digits with it).
+  top_blocks x block_size keys. With `order="kept"` (not in the paper) the selected blocks are not all read at one
+  distance: laid end to end in text order, the last key of the nearest one at `distance`, every earlier key one
+  further back, so the retrieved text keeps its word order (a passkey's digits with it).
 
 Every middle key must stay in the KV cache of the layers that use this (their cache is no longer constant in the
 context: O(n) keys per such layer, `lengthwise.attention.cache`); the other layers keep their bounded cache.
@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lengthwise.attention.pattern import expand_heads, lambda_rule
 from lengthwise.attention.softmax import softmax_with_lse
 from lengthwise.rope.rotation import rotation_angles
+from lengthwise.errors import UserError
 
 QUERY_MODES = ("all", "last")
 ORDER_MODES = ("none", "kept")  # blocks all at one distance, or laid end to end in text order (blocks only)
@@ -52,17 +54,17 @@ class MiddleRetrieval:
 
     def __post_init__(self) -> None:  # messages name lm-infinite's options, which build this
         if (self.top_k > 0) == (self.top_blocks > 0):
-            raise ValueError(f"takes top_k (tokens) or top_blocks (blocks), exactly one of them above 0; got top_k="
+            raise UserError(f"takes top_k (tokens) or top_blocks (blocks), exactly one of them above 0; got top_k="
                              f"{self.top_k}, top_blocks={self.top_blocks}")
         if self.block_size % self.representatives:
-            raise ValueError(f"retrieval_block ({self.block_size}) must be a multiple of representatives "
+            raise UserError(f"retrieval_block ({self.block_size}) must be a multiple of representatives "
                              f"({self.representatives})")
         if self.queries not in QUERY_MODES:
-            raise ValueError(f"middle_queries must be one of {', '.join(QUERY_MODES)}, got {self.queries!r}")
+            raise UserError(f"middle_queries must be one of {', '.join(QUERY_MODES)}, got {self.queries!r}")
         if self.order not in ORDER_MODES:
-            raise ValueError(f"middle_order must be one of {', '.join(ORDER_MODES)}, got {self.order!r}")
+            raise UserError(f"middle_order must be one of {', '.join(ORDER_MODES)}, got {self.order!r}")
         if self.order == "kept" and not self.top_blocks:
-            raise ValueError("middle_order 'kept' lays whole blocks end to end: it needs top_blocks, not top_k")
+            raise UserError("middle_order 'kept' lays whole blocks end to end: it needs top_blocks, not top_k")
 
     @property
     def farthest(self) -> int:
@@ -119,7 +121,7 @@ def check_sequence(k_pos: torch.Tensor, k_valid, method: str = "middle retrieval
     """Middle retrieval indexes keys by position: they must be positions 0..n-1 of one unpadded sequence."""
     n = k_pos.shape[1]
     if k_valid is not None or int(k_pos[:, 0].max()) != 0 or int(k_pos[:, -1].min()) != n - 1:
-        raise ValueError(f"{method} needs the keys of positions 0..n-1 of unpadded sequences (batch rows without "
+        raise UserError(f"{method} needs the keys of positions 0..n-1 of unpadded sequences (batch rows without "
                          f"left padding, a cache that keeps every key); got key positions "
                          f"{k_pos[0, 0].item()}..{k_pos[0, -1].item()} for {n} keys"
                          f"{' with padding' if k_valid is not None else ''}")
@@ -258,8 +260,6 @@ def middle_part(q, k, v, q_pos, k_pos, pattern, encoding, scale: float, index: B
 def middle_selection_reference(q, k, q_pos, k_pos, pattern, encoding, scale: float):
     """Dense reference (tests only): the scores of every key at the fixed distance (B, H, Tq, Tk) and the boolean
     selection (B, H, Tq, Tk) of middle keys each query attends to."""
-    from lengthwise.attention.pattern import expand_heads, lambda_rule  # noqa: PLC0415
-
     middle: MiddleRetrieval = pattern.middle
     H, G, S = q.shape[1], pattern.n_global, middle.block_size
     qf = fixed_distance_query(q, q_pos, middle.distance, encoding).float()

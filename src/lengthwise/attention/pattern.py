@@ -18,11 +18,15 @@ the score at distance limit - 0 or limit - n. For ALiBi the bias is -slope * min
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from lengthwise.attention.middle import MiddleRetrieval, check_sequence, middle_selection_reference
 from lengthwise.rope.rotation import rotate, rotation_angles
+from lengthwise.errors import UserError
+
+if TYPE_CHECKING:  # the middle-retrieval config; its kernels import this module
+    from lengthwise.attention.middle import MiddleRetrieval
 
 
 @dataclass(frozen=True)
@@ -36,16 +40,16 @@ class LambdaPattern:
 
     def __post_init__(self) -> None:
         if self.key_anchor not in ("zero", "self"):
-            raise ValueError(f"key_anchor must be 'zero' or 'self', got {self.key_anchor!r}")
+            raise UserError(f"key_anchor must be 'zero' or 'self', got {self.key_anchor!r}")
         if self.n_global < 0 or self.n_local < 1:
-            raise ValueError(f"need n_global >= 0 and n_local >= 1, got {self.n_global}, {self.n_local}")
+            raise UserError(f"need n_global >= 0 and n_local >= 1, got {self.n_global}, {self.n_local}")
         if self.window is not None and self.window < self.n_local:
-            raise ValueError(f"n_local ({self.n_local}) must not exceed the layer's window ({self.window}): build the "
+            raise UserError(f"n_local ({self.n_local}) must not exceed the layer's window ({self.window}): build the "
                              f"pattern with `within_window`")
         middle = self.middle
         blocks_too_long = middle is not None and middle.top_blocks and middle.block_size > self.n_local
         if middle is not None and (self.key_anchor != "zero" or blocks_too_long):
-            raise ValueError("middle retrieval needs key_anchor 'zero' and block_size <= n_local (blocks that hold a "
+            raise UserError("middle retrieval needs key_anchor 'zero' and block_size <= n_local (blocks that hold a "
                              f"middle key are then complete), got {self.key_anchor!r}, {middle.block_size}")
 
     def within_window(self, window: int | None) -> LambdaPattern:
@@ -156,49 +160,3 @@ def visibility(q_pos, k_pos, k_valid, pattern: LambdaPattern):
         visible = visible & k_valid[:, None, None, :]
         limited = limited & k_valid[:, None, None, :]
     return visible, limited, d
-
-
-def lambda_scores(q, k, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
-                  mods: ScoreMods = NO_MODS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention logits Λ attention gives, as the dense reference computes them: q (B, H, Tq, D), k (B, Hk, Tk, D)
-    -> scores (B, H, Tq, Tk) float32 (distance-limited where the rule says so, soft-capped, ALiBi-biased; middle keys
-    at their fixed distance) and visible (B, 1 or H, Tq, Tk) bool. Call it on a block of queries to keep memory at
-    block x Tk (the diagnostics do)."""
-    heads = q.shape[1]
-    kx = expand_heads(k, heads)
-    scores = (q.float() @ kx.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
-    visible, limited, d = visibility(q_pos, k_pos, k_valid, pattern)
-    if isinstance(encoding, RopeEncoding):
-        if pattern.limit is not None:
-            q_lim = encoding.limited_query(q, q_pos, pattern).float()
-            k_anc = expand_heads(encoding.anchored_key(k, k_pos, pattern), heads).float()
-            scores = torch.where(limited, (q_lim @ k_anc.transpose(-1, -2)) * scale, scores)
-    scores = mods.capped(scores)
-    if isinstance(encoding, AlibiEncoding):
-        dist = d.float()
-        if pattern.limit is not None:
-            dist = torch.where(limited, pattern.cap(k_pos).float()[:, None, None, :], dist)
-        scores = scores - encoding.slopes.float().to(q.device)[None, :, None, None] * dist
-    if pattern.middle is not None:  # selected middle keys are seen, at the fixed distance
-        if mods:
-            raise ValueError("middle retrieval does not apply soft-capping or sinks")
-        check_sequence(k_pos, k_valid)
-        middle_scores, selected = middle_selection_reference(q, k, q_pos, k_pos, pattern, encoding, scale)
-        scores, visible = torch.where(selected, middle_scores, scores), visible | selected
-    return scores, visible
-
-
-def lambda_attention_reference(q, k, v, q_pos, k_pos, k_valid, pattern: LambdaPattern, encoding, scale: float,
-                               mods: ScoreMods = NO_MODS):
-    """Dense masked Λ attention. q (B, H, Tq, D), k (B, Hk, Tk, D), v (B, Hk, Tk, Dv), q_pos (B, Tq), k_pos (B, Tk)
-    (long), k_valid (B, Tk) bool or None -> (B, H, Tq, Dv). encoding: RopeEncoding, AlibiEncoding or None (no
-    position encoding). A query that sees no key (and no sink) gets 0."""
-    scores, visible = lambda_scores(q, k, q_pos, k_pos, k_valid, pattern, encoding, scale, mods)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    if mods.sinks is not None:  # one more logit per head in every row, whose value is zero
-        sink = mods.sinks.float().to(q.device)[None, :, None, None].expand(*scores.shape[:-1], 1)
-        scores = torch.cat([scores, sink], dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-    if mods.sinks is not None:
-        probs = probs[..., :-1]
-    return (probs @ expand_heads(v, q.shape[1]).float()).to(q.dtype)

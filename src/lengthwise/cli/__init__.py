@@ -2,7 +2,8 @@
 
 Bad input gets one line on stderr (`error: ...`, what was wrong and what is accepted) and exit code 2, never a
 traceback: typer answers malformed options itself, and `main` turns the errors lengthwise raises for bad input
-(ValueError, FileNotFoundError, ...) into that line. `--debug` (anywhere on the command line) or
+(`lengthwise.errors.UserError`, FileNotFoundError, ...) into that line; any other exception keeps its traceback.
+`--debug` (anywhere on the command line) or
 `LENGTHWISE_DEBUG=1` shows the traceback instead.
 """
 
@@ -11,20 +12,25 @@ import os
 import pkgutil
 import sys
 
-import typer
+try:
+    import typer
+except ModuleNotFoundError as missing:  # the core installs without the harness: say which extra brings the CLI
+    sys.exit(f"error: the lengthwise command line needs the harness extra ({missing.name} is not installed): "
+             f"pip install 'lengthwise[harness]'")
 
-from lengthwise.cli.app import app
+from lengthwise.cli.app import app  # noqa: E402
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "app":
         importlib.import_module(f"{__name__}.{_module.name}")
 
+from lengthwise.errors import UserError  # noqa: E402
 from lengthwise.models.compat import PatchNotInForce  # noqa: E402
 
 USAGE_ERROR = typer.BadParameter.__bases__[0]  # click's UsageError, as typer ships it
-# what bad input raises; anything else is a defect of ours and keeps its traceback
-# (OSError: a missing, unreadable or unwritable path, a full disk, a model that does not load, ...)
-USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, MemoryError, PatchNotInForce)
+# what bad input raises (UserError, raised where input is validated); anything else is a defect and keeps its
+# traceback (OSError: a missing, unreadable or unwritable path, a full disk, a model that does not load, ...)
+USER_ERRORS = (UserError, OSError, ModuleNotFoundError, MemoryError, PatchNotInForce)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         code = app(args=args, prog_name="lengthwise", standalone_mode=False)
-    except USAGE_ERROR as err:  # typer's own checks and our BadParameter: the same one line, not a framed box
+    except USAGE_ERROR as err:  # typer's own checks and lengthwise's BadParameter: the same one line, not a framed box
         if debug:
             raise
         print(f"error: {' '.join(err.format_message().split())} ({err.ctx.command_path if err.ctx else 'lengthwise'}"

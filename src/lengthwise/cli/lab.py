@@ -1,4 +1,4 @@
-"""`lengthwise lab train|compare`: the position-encoding lab (issue 7)."""
+"""`lengthwise lab train|compare`: the position-encoding lab (docs/lab.md)."""
 
 from __future__ import annotations
 

@@ -180,6 +180,11 @@ def bench_command(
     seed: int = typer.Option(0),
     memory_limit_gib: float = typer.Option(0.0, min=0.0, help=MEMORY_HELP),
     out: Path = typer.Option(Path("results/bench.jsonl"), help="JSON-lines results (appended; finished cells skipped)"),
+    decode: str = typer.Option("eager", help="lm-infinite cells on a Llama model: 'eager' (the model's forward on "
+                               "the bounded cache), 'static' (a static Λ cache, fixed shapes) or 'compiled' (the "
+                               "static step through torch.compile; eager where compilation fails, as the record "
+                               "says); the first static step is checked against the eager one"),
+    compile: bool = typer.Option(False, "--compile", help="the same as --decode compiled"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     no_wait: NoWaitOption = False,
 ) -> None:
@@ -197,6 +202,9 @@ def bench_command(
         raise typer.BadParameter("--device auto places a loaded model; the built model=llama takes cpu, cuda or cuda:N")
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 2, "bench length")
     _checked(check_specs, method)
+    decode = "compiled" if compile else decode
+    if decode not in ("eager", "static", "compiled"):
+        raise typer.BadParameter(f"--decode must be eager, static or compiled, got {decode!r}")
     check_results(out, "bench", wait=not no_wait)
     if threads:
         torch.set_num_threads(threads)
@@ -213,6 +221,7 @@ def bench_command(
     device = str(next(lm.parameters()).device)
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), device=device, logits=1)
     records = bench(lm, length_list, method, decode_steps=decode_steps, seed=seed,
-                    results=ResultsFile(out, wait=not no_wait), model_name=model_name, progress=not quiet)
+                    results=ResultsFile(out, wait=not no_wait), model_name=model_name, progress=not quiet,
+                    decode=decode)
     _print_tables(records)
     console.print(f"results: {out}")

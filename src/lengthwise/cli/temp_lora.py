@@ -9,7 +9,8 @@ import typer
 from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype, parse_int_list
 from lengthwise.cli.outputs import NoWaitOption, check_results
 
-temp_lora_app = typer.Typer(help="Temp-LoRA (seed 003): a temporary LoRA trained at inference time on the text read.",
+temp_lora_app = typer.Typer(help="Temp-LoRA (Wang et al. 2024): a temporary LoRA trained at inference time on the "
+                                 "text read.",
                             no_args_is_help=True)
 app.add_typer(temp_lora_app, name="temp-lora")
 

@@ -14,6 +14,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from lengthwise.errors import UserError
 
 HELD_OUT_BUCKETS = 10  # 1 in 10 stdlib files (by hash of the relative path) is held out
 
@@ -33,7 +34,7 @@ def _is_held_out(relative_name: str) -> bool:
 def stdlib_files(split: str = "train") -> list[Path]:
     """The Python standard library's own .py files (site-packages excluded), sorted, split by name."""
     if split not in ("train", "heldout", "all"):
-        raise ValueError(f"unknown stdlib split {split!r}; accepted: 'train', 'heldout', 'all'")
+        raise UserError(f"unknown stdlib split {split!r}; accepted: 'train', 'heldout', 'all'")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
     if split == "all":
@@ -84,9 +85,9 @@ def no_text_left(where: str, skipped: list[tuple[str, str]]) -> ValueError:
     rule = (f"a file with NUL bytes, or more than {NON_TEXT_SHARE:.0%} of its bytes undecodable as UTF-8 or control "
             "characters, is not text; give UTF-8 text files")
     if where.startswith("file "):
-        return ValueError(f"{where} is not text ({why}); {rule}")
+        return UserError(f"{where} is not text ({why}); {rule}")
     count = f"its {len(skipped)} files are" if len(skipped) > 1 else "its one file is"
-    return ValueError(f"{where} holds no text: {count} not text ({name}: {why}"
+    return UserError(f"{where} holds no text: {count} not text ({name}: {why}"
                       f"{', ...' if len(skipped) > 1 else ''}); {rule}")
 
 
@@ -117,7 +118,7 @@ def shared_data_root() -> Path:
 
 def pg19_corpus(split: str = "dev") -> list[Document]:
     if split not in ("train", "dev"):
-        raise ValueError(f"unknown pg19 split {split!r}; accepted: 'train', 'dev'")
+        raise UserError(f"unknown pg19 split {split!r}; accepted: 'train', 'dev'")
     folder = shared_data_root() / "pg19" / split
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -147,7 +148,7 @@ def local_corpus(path: str | Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".py") and p.is_file())
         if not files:
-            raise ValueError(f"folder {path} holds no .txt, .md or .py files")
+            raise UserError(f"folder {path} holds no .txt, .md or .py files")
         docs, skipped = [], []
         for p in files:
             name = p.relative_to(path).as_posix()
@@ -196,12 +197,12 @@ def load_corpus(spec: str) -> list[Document]:
     elif Path(spec).exists():
         docs = local_corpus(spec)
     else:
-        raise ValueError(
+        raise UserError(
             f"unknown corpus {spec!r}; accepted: {', '.join(CORPUS_NAMES)}, hf:NAME[:SPLIT], or a local file/folder"
         )
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise ValueError(f"corpus {spec!r} holds no non-empty documents")
+        raise UserError(f"corpus {spec!r} holds no non-empty documents")
     return docs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from lengthwise.errors import UserError
 
 INSTRUCTION = "A pass key is hidden in the text below. Find it and remember it.\n"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -31,7 +32,7 @@ def random_key(rng: random.Random, digits: int = 5) -> str:
 def make_passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
     """A prompt of exactly `length` tokens (answer excluded), needle at `depth` in [0, 1] of the filler."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise UserError(f"depth must be in [0, 1], got {depth}")
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -40,7 +41,7 @@ def make_passkey_prompt(tokenizer, length: int, depth: float, key: str) -> Passk
     answer = encode(" " + key)
     filler_budget = length - len(head) - len(needle) - len(question)
     if filler_budget < 0:
-        raise ValueError(
+        raise UserError(
             f"passkey prompt needs at least {len(head) + len(needle) + len(question)} tokens, asked for {length}"
         )
     unit = encode(FILLER)

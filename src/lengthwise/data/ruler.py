@@ -1,5 +1,5 @@
 """RULER-style synthetic long-context tasks (task designs after Hsieh et al. 2024, RULER, arXiv 2404.06654; the
-generators and their wording are ours).
+generators and their wording are lengthwise's own).
 
 Every task builds a prompt of about `length` tokens (the most haystack sentences that fit; never above) from a seed:
 a haystack (the passkey filler, or sentences of any text, e.g. PG19 dev books) with task sentences placed at a given
@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from lengthwise.data.passkey import FILLER
+from lengthwise.errors import UserError
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words")
 KEY_WORDS = ("amber", "basil", "cedar", "delta", "ember", "fable", "garnet", "harbor", "indigo", "juniper", "kelp",
@@ -49,7 +50,7 @@ def haystack_sentences(text: str | None) -> list[str]:
     text = FILLER if text is None else text
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if len(s.strip()) > 1]
     if not sentences:
-        raise ValueError("the haystack text holds no sentences")
+        raise UserError("the haystack text holds no sentences")
     return [s + " " for s in sentences]
 
 
@@ -100,7 +101,7 @@ def _task_parts(task: str, rng: random.Random) -> tuple[str, list[str], str, str
                 "\nWhat are the 5 most common words in the list above?",
                 " Answer: the 5 most common words in the list are:", tuple(words[:5]),
                 {"common": words[:5], "rare": words[5:], "order": rng.random()})
-    raise ValueError(f"unknown RULER task {task!r}; accepted: {', '.join(TASKS)}")
+    raise UserError(f"unknown RULER task {task!r}; accepted: {', '.join(TASKS)}")
 
 
 def make_ruler_sample(tokenizer, task: str, length: int, depth: float, seed: int,
@@ -108,7 +109,7 @@ def make_ruler_sample(tokenizer, task: str, length: int, depth: float, seed: int
     """One sample of `task` of about `length` tokens (never more), task sentences at `depth` (0..1) of the haystack.
     Deterministic in (task, length, depth, seed, haystack)."""
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise UserError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"ruler|{task}|{length}|{depth:g}|{seed}")
     instruction, inserted, question, prefix, expected, meta = _task_parts(task, rng)
 
@@ -119,7 +120,7 @@ def make_ruler_sample(tokenizer, task: str, length: int, depth: float, seed: int
         return _fit_word_list(count, length, depth, instruction, question, prefix, expected, meta)
     fixed = count(instruction + "".join(inserted) + question + prefix)
     if fixed > length:
-        raise ValueError(f"RULER task {task} needs at least {fixed} tokens with this tokenizer, asked for {length}")
+        raise UserError(f"RULER task {task} needs at least {fixed} tokens with this tokenizer, asked for {length}")
     sentences = haystack_sentences(haystack)
     start = rng.randrange(len(sentences)) if haystack is not None else 0  # a seeded place in a long text
 
@@ -159,7 +160,7 @@ def _fit_word_list(count, length, depth, instruction, question, prefix, expected
         return instruction + word_list(meta["common"], meta["rare"], size, meta["order"]) + question + prefix
 
     if count(build(1)) > length:
-        raise ValueError(f"RULER task common_words needs at least {count(build(1))} tokens with this tokenizer, "
+        raise UserError(f"RULER task common_words needs at least {count(build(1))} tokens with this tokenizer, "
                          f"asked for {length}")
     low, high = 1, max(1, length // 4)
     while low < high:  # the largest list that fits

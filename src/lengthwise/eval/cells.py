@@ -20,6 +20,7 @@ from typing import Any
 from lengthwise.distributed import require_ray, start_ray
 from lengthwise.eval.results import ResultsFile
 from lengthwise.progress import progress_bar
+from lengthwise.errors import UserError
 
 # run(model, tokenizer, args, advance) -> record; advance(k) reports k units of the cell's work as done
 CellFunction = Callable[[Any, Any, Any, Callable[[int], None]], dict]
@@ -48,9 +49,9 @@ class RayPool:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise UserError(f"workers must be >= 1, got {self.workers}")
         if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise UserError(f"threads must be >= 1, got {self.threads}")
 
 
 class _CellWorker:

@@ -1,4 +1,5 @@
-"""LM-Infinite's three out-of-distribution diagnostics (arXiv 2308.16137, seed 000), measured on any model and method.
+"""LM-Infinite's three out-of-distribution diagnostics (Han et al. 2023, arXiv 2308.16137), measured on any model and
+method.
 
 The paper names three reasons a model fails past its training length L, and Λ attention with the distance limit is
 built to remove each one. For one document truncated to N tokens and one forward pass per (method, N), this module
@@ -21,7 +22,7 @@ with transformers' `AttentionInterface` under `lengthwise_diagnose_<previous imp
 is the previous implementation's own. The recorder computes its statistics and then delegates to the previous
 function (sdpa, eager, or lm-infinite's `lambda_attention_forward`), so the pass computes what it computes
 unrecorded. From the captured q and k, the logits a layer really gives come from
-`lengthwise.attention.pattern.lambda_scores`: with the layer's `LambdaState` (pattern and encoding, the distance
+`lengthwise.attention.reference.lambda_scores`: with the layer's `LambdaState` (pattern and encoding, the distance
 limit included) on a layer patched by `lm-infinite` or `streaming`, and full causal attention (n_global 0, an
 unbounded local branch, no limit, no encoding; the layer's own sliding window kept) on any other layer. Nothing is
 n x n: the last query is one row of N logits, and the entropy queries go through `lambda_scores` in blocks of
@@ -47,7 +48,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lengthwise.attention.pattern import LambdaPattern, ScoreMods, expand_heads, lambda_scores
+from lengthwise.attention.pattern import LambdaPattern, ScoreMods, expand_heads
+from lengthwise.attention.reference import lambda_scores
 from lengthwise.errors import UserError
 from lengthwise.patching import Undo
 

@@ -19,6 +19,7 @@ from lengthwise.eval.tasks import check_lengths, check_specs, resolve_spec
 from lengthwise.generation import generate
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
+from lengthwise.errors import UserError
 
 
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
@@ -27,7 +28,7 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     from rouge_score import rouge_scorer  # noqa: PLC0415
 
     if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"need as many hypotheses as references (>= 1), got {len(hypotheses)} and {len(references)}")
+        raise UserError(f"need as many hypotheses as references (>= 1), got {len(hypotheses)} and {len(references)}")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
     sentence = [sacrebleu.sentence_bleu(hyp, [ref]).score for hyp, ref in zip(hypotheses, references)]
@@ -62,15 +63,15 @@ def gen_quality(
     check_specs(methods)
     check_lengths(prefix_lengths, 1, "prefix length")
     if new_tokens < 1:
-        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+        raise UserError(f"new_tokens must be >= 1, got {new_tokens}")
     if not documents:
-        raise ValueError(f"corpus {data_name!r} holds no documents")
+        raise UserError(f"corpus {data_name!r} holds no documents")
     results = results or ResultsFile(None)
     info = model_info(model)
     tokenized = {n: documents_of_length(documents, tokenizer, n + new_tokens, max_docs) for n in prefix_lengths}
     for n, tok in tokenized.items():
         if not tok.docs:
-            raise ValueError(
+            raise UserError(
                 f"no document of {data_name!r} has {n} + {new_tokens} tokens ({tok.skipped} shorter ones skipped); "
                 "use shorter prefixes or longer documents"
             )

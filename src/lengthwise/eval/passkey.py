@@ -33,6 +33,7 @@ from lengthwise.eval.tasks import check_lengths, check_specs, is_scoring, resolv
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
 from lengthwise.methods.baselines import resolve_sliding_window
+from lengthwise.errors import UserError
 
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 MIN_PROMPT_TOKENS = 64  # instruction + needle + question take about 61 tokens with the reference tokenizer
@@ -41,10 +42,10 @@ MIN_PROMPT_TOKENS = 64  # instruction + needle + question take about 61 tokens w
 def check_depths(depths: Sequence[float]) -> list[float]:
     """Depths are percentages of the filler, 0 (needle first) to 100 (needle last)."""
     if not depths:
-        raise ValueError("no depth given; accepted: percentages from 0 to 100")
+        raise UserError("no depth given; accepted: percentages from 0 to 100")
     for depth in depths:
         if not isinstance(depth, (int, float)) or not 0 <= depth <= 100:
-            raise ValueError(f"depth {depth!r} is outside 0..100; accepted: percentages from 0 to 100")
+            raise UserError(f"depth {depth!r} is outside 0..100; accepted: percentages from 0 to 100")
     return list(depths)
 
 
@@ -154,7 +155,7 @@ def passkey(
     check_lengths(lengths, MIN_PROMPT_TOKENS, "passkey length")
     check_depths(depths)
     if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+        raise UserError(f"trials must be >= 1, got {trials}")
     # too short for this tokenizer: fail now
     make_passkey_prompt(tokenizer, min(lengths), 0.0, trial_key(seed, 0, 0, 0))
     pretrain = model_info(model).pretrain_length

@@ -23,6 +23,7 @@ from lengthwise.models.families import model_info
 from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
 from lengthwise.models.compat import cache_kwargs
+from lengthwise.errors import UserError
 
 NUM_BUCKETS = 32
 
@@ -136,7 +137,7 @@ def perplexity(
     tokenized = {n: documents_of_length(documents, tokenizer, n, max_docs) for n in lengths}
     for n, tok in tokenized.items():
         if not tok.docs:
-            raise ValueError(
+            raise UserError(
                 f"no document of {data_name!r} has {n} tokens ({tok.skipped} shorter ones skipped); "
                 "use shorter lengths or longer documents"
             )

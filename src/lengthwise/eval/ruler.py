@@ -19,6 +19,7 @@ from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, resolve_spec
 from lengthwise.generation import generate
 from lengthwise.models.families import model_info
+from lengthwise.errors import UserError
 
 NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "niah_multiquery": 64,
               "variable_tracking": 40, "common_words": 40}
@@ -27,10 +28,10 @@ MIN_LENGTH = 128
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     if not tasks:
-        raise ValueError(f"no task given; accepted: {', '.join(TASKS)}")
+        raise UserError(f"no task given; accepted: {', '.join(TASKS)}")
     for task in tasks:
         if task not in TASKS:
-            raise ValueError(f"unknown RULER task {task!r}; accepted: {', '.join(TASKS)}")
+            raise UserError(f"unknown RULER task {task!r}; accepted: {', '.join(TASKS)}")
     return list(tasks)
 
 
@@ -69,7 +70,7 @@ def ruler(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths
     check_lengths(lengths, MIN_LENGTH, "RULER length")
     check_depths(depths)
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise UserError(f"samples must be >= 1, got {samples}")
     for task in tasks:  # too short for this tokenizer: fail now, not after hours of other cells
         make_ruler_sample(tokenizer, task, min(lengths), 0.5, seed, haystack)
     pretrain = model_info(model).pretrain_length

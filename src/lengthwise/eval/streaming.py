@@ -47,6 +47,7 @@ from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.methods.baselines import resolve_sliding_window
 from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.errors import UserError
 
 CHECKPOINT_VERSION = 2  # 2: the cache as plain per-layer state (1 pickled the cache object)
 PIECE_CHARS = 1 << 16  # characters of whole lines tokenised at a time
@@ -101,7 +102,7 @@ def stream_sources(spec: str) -> list[StreamSource]:
 
     specs = [spec] if Path(spec).exists() else [s.strip() for s in spec.split(",") if s.strip()]
     if not specs:
-        raise ValueError(f"empty corpus spec {spec!r}")
+        raise UserError(f"empty corpus spec {spec!r}")
     sources: list[StreamSource] = []
     for item in specs:
         if item in ("stdlib", "stdlib-train"):
@@ -126,7 +127,7 @@ def stream_sources(spec: str) -> list[StreamSource]:
         elif Path(item).is_dir():
             found = _folder_sources(Path(item), "", (".txt", ".md", ".py"))
             if not found:
-                raise ValueError(f"folder {item} holds no .txt, .md or .py files")
+                raise UserError(f"folder {item} holds no .txt, .md or .py files")
             checked = [(source, is_text_file(source.path)) for source in found]  # the first 64 KiB of each
             skipped = [(source.name, why) for source, why in checked if why]
             found = [source for source, why in checked if not why]
@@ -135,11 +136,11 @@ def stream_sources(spec: str) -> list[StreamSource]:
             warn_skipped(skipped, f"folder {item}")
             sources += found
         else:
-            raise ValueError(f"unknown corpus {item!r}; accepted: {', '.join(CORPUS_NAMES)}, hf:NAME[:SPLIT], a "
+            raise UserError(f"unknown corpus {item!r}; accepted: {', '.join(CORPUS_NAMES)}, hf:NAME[:SPLIT], a "
                              "local file or folder, or several of these joined with commas")
     sources = [s for s in sources if s.size() > 0]
     if not sources:
-        raise ValueError(f"corpus {spec!r} holds no non-empty documents")
+        raise UserError(f"corpus {spec!r} holds no non-empty documents")
     return sources
 
 
@@ -199,7 +200,7 @@ class TokenStream:
             doc, segment, tokens = following
             first = not self._started
             if first and (doc, segment) != self._start[:2]:
-                raise ValueError(f"the stream has no segment {self._start[:2]} to resume at; its documents changed")
+                raise UserError(f"the stream has no segment {self._start[:2]} to resume at; its documents changed")
             self._current, self._tokens, self._started = (doc, segment), tokens, True
             self._index = self._start[2] if first else 0
         return out
@@ -250,7 +251,7 @@ def parse_token_count(text: str | int, option: str = "--stream-tokens") -> int:
         except ValueError:
             value = None
     if value is None or value < 2:
-        raise ValueError(f"{option} must be a positive integer number of tokens, at least 2 (e.g. 200000, 200k, "
+        raise UserError(f"{option} must be a positive integer number of tokens, at least 2 (e.g. 200000, 200k, "
                          f"10M), got {str(text)!r}")
     return value
 
@@ -260,9 +261,9 @@ def bucket_edges(n_tokens: int, num_buckets: int = 32, scale: str = "log") -> li
     `log`: log-spaced from 1 to n_tokens (fewer buckets where rounding merges the first ones); `linear`: equal
     widths."""
     if scale not in BUCKET_SCALES:
-        raise ValueError(f"unknown bucket scale {scale!r}; accepted: {', '.join(BUCKET_SCALES)}")
+        raise UserError(f"unknown bucket scale {scale!r}; accepted: {', '.join(BUCKET_SCALES)}")
     if not isinstance(num_buckets, int) or num_buckets < 1:
-        raise ValueError(f"buckets must be a positive integer, got {num_buckets!r}")
+        raise UserError(f"buckets must be a positive integer, got {num_buckets!r}")
     if scale == "log":
         raw = [round(math.exp(math.log(n_tokens) * i / num_buckets)) for i in range(num_buckets + 1)]
     else:
@@ -338,18 +339,18 @@ def unbounded_reason(method: str) -> str | None:
 def check_streamable(method: str) -> None:
     reason = unbounded_reason(method)
     if reason:
-        raise ValueError(reason)
+        raise UserError(reason)
 
 
 def _check_bounded_cache(method: str, cache) -> None:
     from lengthwise.attention.cache import LambdaCache  # noqa: PLC0415
 
     if not isinstance(cache, LambdaCache):
-        raise ValueError(f"method {method!r} gives no bounded KV cache ({type(cache).__name__}); streaming "
+        raise UserError(f"method {method!r} gives no bounded KV cache ({type(cache).__name__}); streaming "
                          "perplexity needs lm-infinite, streaming or the sliding-window baseline")
     growing = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keep_all", False)]
     if growing:
-        raise ValueError(f"method {method!r} keeps every key in the cache of layers {growing} (attention to the "
+        raise UserError(f"method {method!r} keeps every key in the cache of layers {growing} (attention to the "
                          "middle: top_k / top_blocks), so its memory grows with the stream; stream it without them")
 
 
@@ -407,7 +408,7 @@ class _CacheScorer:
             attributes = dict(vars(layer))
             odd = sorted(name for name, value in attributes.items() if not _plain(value))
             if odd:
-                raise ValueError(f"layer {index} of the {type(self.cache).__name__} holds {', '.join(odd)}, which a "
+                raise UserError(f"layer {index} of the {type(self.cache).__name__} holds {', '.join(odd)}, which a "
                                  "weights-only checkpoint cannot hold; this cache cannot be checkpointed")
             layers.append(attributes)
         return {"cache_class": type(self.cache).__name__,
@@ -421,12 +422,12 @@ class _CacheScorer:
             len(layers) == len(fresh.layers) and all(isinstance(saved, dict) and set(vars(layer)) <= set(saved)
                                                      for saved, layer in zip(layers, fresh.layers))
         if not same:
-            raise ValueError("the checkpoint's KV cache was written by another version of lengthwise's bounded cache; "
+            raise UserError("the checkpoint's KV cache was written by another version of lengthwise's bounded cache; "
                              "delete the checkpoint to start the stream over")
         for saved, layer in zip(layers, fresh.layers):
             vars(layer).update(saved)
         if fresh.get_seq_length() != offset:
-            raise ValueError(f"the checkpoint's KV cache has seen {fresh.get_seq_length()} tokens, its offset says "
+            raise UserError(f"the checkpoint's KV cache has seen {fresh.get_seq_length()} tokens, its offset says "
                              f"{offset}; delete the checkpoint to start the stream over")
 
 
@@ -479,7 +480,7 @@ class _SlidingWindowScorer:
     def restore(self, state: dict, offset: int) -> None:
         self.tail = list(state["tail"])
         if len(self.tail) != min(self.window, offset):
-            raise ValueError("the checkpoint's sliding-window context does not match its offset; delete the "
+            raise UserError("the checkpoint's sliding-window context does not match its offset; delete the "
                              "checkpoint to start the stream over")
 
 
@@ -501,7 +502,7 @@ def _load_checkpoint(path: Path) -> dict:
     # weights only: tensors and plain containers; a file that would unpickle anything else is refused in one line
     state = load_torch_file(path, "checkpoint", "delete it to start the stream over")
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} is not a version-{CHECKPOINT_VERSION} streaming checkpoint; delete it "
+        raise UserError(f"checkpoint {path} is not a version-{CHECKPOINT_VERSION} streaming checkpoint; delete it "
                          "to start the stream over")
     return state
 
@@ -541,7 +542,7 @@ def streaming_perplexity(
     check_streamable(method)
     chunk_size = 0 if scoring else int(chunk_size or min(max(info.pretrain_length, 64), 2048))
     if chunk_size < 0 or (not scoring and chunk_size < 1):
-        raise ValueError(f"chunk size must be a positive integer, got {chunk_size}")
+        raise UserError(f"chunk size must be a positive integer, got {chunk_size}")
     edges = bucket_edges(n_tokens, num_buckets, bucket_scale)
     key = stream_key(model_name, method, data_name, n_tokens, chunk_size, f"{bucket_scale}{num_buckets}", seed)
     if checkpoint_dir:  # a kill during an atomic write leaves its temporary file: never read, but half-written
@@ -560,7 +561,7 @@ def streaming_perplexity(
         state = _load_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
         if state is not None:
             if state["key"] != key or state["fingerprint"] != fingerprint:
-                raise ValueError(f"checkpoint {ckpt} belongs to another stream (its documents or settings changed); "
+                raise UserError(f"checkpoint {ckpt} belongs to another stream (its documents or settings changed); "
                                  "delete it to start over")
             buckets = Buckets.from_state(state["buckets"])
             offset, total, scored_count = state["offset"], state["total_nll"], state["scored"]
@@ -572,7 +573,7 @@ def streaming_perplexity(
         else:
             have = count_stream_tokens(sources, tokenizer, n_tokens, piece_chars)
             if have < n_tokens:
-                raise ValueError(f"corpus {data_name!r} holds {have:,} tokens, fewer than the {n_tokens:,} asked; "
+                raise UserError(f"corpus {data_name!r} holds {have:,} tokens, fewer than the {n_tokens:,} asked; "
                                  "stream fewer tokens or join more documents (e.g. 'pg19-train,pg19-dev')")
             buckets = Buckets(edges)
             offset, total, scored_count, buffer, position = 0, 0.0, 0, [], (0, 0, 0)
@@ -613,7 +614,7 @@ def streaming_perplexity(
                     buffer += stream.take(need - len(buffer))
                     documents = max(documents, stream.document + 1)
                     if len(buffer) < need:
-                        raise ValueError(f"the stream ran out at token {offset + len(buffer):,} of {n_tokens:,} (its "
+                        raise UserError(f"the stream ran out at token {offset + len(buffer):,} of {n_tokens:,} (its "
                                          "documents changed while it ran?)")
                 tick = time.perf_counter()
                 consumed, first_target, nll = scorer.step(buffer, offset, n_tokens)

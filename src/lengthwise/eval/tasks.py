@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.errors import UserError
 
 SCALE = "{s}"
 
@@ -36,7 +37,7 @@ def check_specs(methods: Sequence[str]) -> list[str]:
     from lengthwise.registry import check_combination  # noqa: PLC0415
 
     if not methods:
-        raise ValueError("no method given; accepted: a registered method spec such as 'vanilla' or 'yarn:factor={s}'")
+        raise UserError("no method given; accepted: a registered method spec such as 'vanilla' or 'yarn:factor={s}'")
     for spec in methods:
         parts = parse_method_spec(resolve_spec(spec, 2, 1))
         check_combination([name for name, _ in parts])
@@ -52,10 +53,10 @@ def is_scoring(spec: str) -> bool:
 
 def check_lengths(lengths: Sequence[int], minimum: int, what: str = "length") -> list[int]:
     if not lengths:
-        raise ValueError(f"no {what} given; accepted: integers >= {minimum}")
+        raise UserError(f"no {what} given; accepted: integers >= {minimum}")
     bad = [n for n in lengths if not isinstance(n, int) or n < minimum]
     if bad:
-        raise ValueError(f"{what} {bad[0]!r} is too short; accepted: integers >= {minimum}")
+        raise UserError(f"{what} {bad[0]!r} is too short; accepted: integers >= {minimum}")
     return list(lengths)
 
 

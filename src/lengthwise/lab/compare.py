@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lengthwise.lab.model import LAB_MARKER, load_lab_model
+from lengthwise.errors import UserError
 
 TRICKS = ("logn", "local", "blockwise", "sliding")
 # the inference tricks worth showing by default, on the models where the survey proposes them
@@ -46,21 +47,21 @@ def parse_variant(text: str, root: str | Path) -> Variant:
     model, tricks = parts[0], parts[1:]
     folder = Path(root) / model
     if not (folder / LAB_MARKER).exists():
-        raise ValueError(f"variant {text!r}: no lab model {model!r} under {root}; "
+        raise UserError(f"variant {text!r}: no lab model {model!r} under {root}; "
                          f"available: {', '.join(model_folders(root)) or 'none'}")
     inference: dict = {}
     method = "vanilla"
     for trick in tricks:
         name, _, value = trick.partition("=")
         if name not in TRICKS:
-            raise ValueError(f"variant {text!r}: unknown trick {name!r}; accepted: {', '.join(TRICKS)}")
+            raise UserError(f"variant {text!r}: unknown trick {name!r}; accepted: {', '.join(TRICKS)}")
         if value and not value.isdigit():
-            raise ValueError(f"variant {text!r}: {name}={value!r} must be a positive integer")
+            raise UserError(f"variant {text!r}: {name}={value!r} must be a positive integer")
         if name in ("logn", "sliding") and value:
-            raise ValueError(f"variant {text!r}: {name} takes no value")
+            raise UserError(f"variant {text!r}: {name} takes no value")
         if name == "sliding":
             if len(tricks) > 1:
-                raise ValueError(f"variant {text!r}: sliding is the baseline of the plain model; use it alone")
+                raise UserError(f"variant {text!r}: sliding is the baseline of the plain model; use it alone")
             method = "sliding-window"
         elif name == "logn":
             inference["logn"] = True
@@ -96,7 +97,7 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
 
     parsed = [parse_variant(v, root) for v in variants]  # validate all before any heavy work
     if not factors or any(int(f) < 1 for f in factors):
-        raise ValueError(f"factors must be positive integers, got {list(factors)!r}")
+        raise UserError(f"factors must be positive integers, got {list(factors)!r}")
     store = ResultsFile(results, wait=wait)
     corpora = {name: load_corpus(name) for name in data}
     records = []
@@ -133,7 +134,7 @@ def render(results: str | Path, root: str | Path, variants: Sequence[str], data:
                if r.get("task") == "ppl" and r["model"] in order and r["data"] in data]
     records.sort(key=lambda r: (list(data).index(r["data"]), order[r["model"]], r["length"]))
     if not records:
-        raise ValueError(f"no stored records of {list(variants)} on {list(data)} in {results}")
+        raise UserError(f"no stored records of {list(variants)} on {list(data)} in {results}")
     atomic_write_text(table, comparison_table(records, root) + "\n")
     plot_comparison(records, plot)
     return records

@@ -11,7 +11,7 @@ encoding (see `encodings.base`).  Inference-time options (`InferenceOptions`) ch
   query-key distance exceeds the training length.
 
 On disk a lab model is a folder with `lengthwise_lab.json` (config), `model.pt` (state dict) and the tokenizer;
-`lengthwise.load_model(folder)` dispatches here.  We keep one format for every encoding (RoPE/ALiBi would fit
+`lengthwise.load_model(folder)` dispatches here.  One format serves every encoding (RoPE/ALiBi would fit
 Llama/Bloom only with their exact block layout), so all lab models load and evaluate the same way.
 """
 
@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lengthwise.api import LAB_MARKER, register_folder_loader
 from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file
 from lengthwise.lab.encodings import build_encoding, encoding_config
 from lengthwise.rope.scaling import logn_scale
+from lengthwise.errors import UserError
 
-LAB_MARKER = "lengthwise_lab.json"
 MODEL_TYPE = "lengthwise-lab"
 
 
@@ -48,11 +49,11 @@ class InferenceOptions:
         for name in ("local_window", "block"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+                raise UserError(f"{name} must be a positive integer or None, got {value!r}")
         if self.block is not None and not self.blockwise:
-            raise ValueError("block is the blockwise block size; set blockwise=True with it")
+            raise UserError("block is the blockwise block size; set blockwise=True with it")
         if self.blockwise and self.local_window:
-            raise ValueError("blockwise and local_window are two different masks; choose one")
+            raise UserError("blockwise and local_window are two different masks; choose one")
 
 
 @dataclass
@@ -75,9 +76,9 @@ class LabConfig:
         for name in ("vocab_size", "d_model", "num_hidden_layers", "heads", "ffn", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"lab config {name} must be a positive integer, got {value!r}")
+                raise UserError(f"lab config {name} must be a positive integer, got {value!r}")
         if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+            raise UserError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
 
     @property
     def head_dim(self) -> int:
@@ -171,7 +172,7 @@ class LabModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, use_cache: bool = False,
                 logits_to_keep: int = 0, **unused):
         if unused.get("past_key_values") is not None:
-            raise ValueError("lab models keep no KV cache; score documents in one pass (no --chunk-size)")
+            raise UserError("lab models keep no KV cache; score documents in one pass (no --chunk-size)")
         b, t = input_ids.shape
         device = input_ids.device
         opts, train_length = self.config.inference, self.config.max_position_embeddings
@@ -229,3 +230,6 @@ def load_lab_model(path: str | Path, device: str | None = None, **inference):
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+register_folder_loader(LAB_MARKER, load_lab_model)

@@ -20,6 +20,7 @@ import torch
 from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file, remove_temp_files
 from lengthwise.lab.encodings import encoding_config
 from lengthwise.lab.model import LAB_MARKER, LabConfig, LabModel, save_lab_model
+from lengthwise.errors import UserError
 
 DATA_CHOICES = ("stdlib", "pg19", "mix")
 
@@ -47,16 +48,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         encoding_config(self.pe, self.pe_options)
         if self.data not in DATA_CHOICES:
-            raise ValueError(f"data must be one of {', '.join(DATA_CHOICES)}, got {self.data!r}")
+            raise UserError(f"data must be one of {', '.join(DATA_CHOICES)}, got {self.data!r}")
         for name in ("context", "d_model", "layers", "heads", "ffn", "steps", "batch", "max_chars",
                      "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"train {name} must be a positive integer, got {value!r}")
+                raise UserError(f"train {name} must be a positive integer, got {value!r}")
         if self.context < 8:
-            raise ValueError(f"train context must be >= 8 tokens, got {self.context}")
+            raise UserError(f"train context must be >= 8 tokens, got {self.context}")
         if not self.lr > 0:
-            raise ValueError(f"train lr must be > 0, got {self.lr!r}")
+            raise UserError(f"train lr must be > 0, got {self.lr!r}")
 
 
 def default_tokenizer():
@@ -123,7 +124,7 @@ def _lock_owner(path: Path) -> int | None:
             fresh = time.time() - path.stat().st_mtime < LOCK_WRITE_SECONDS
             return -1 if fresh else None
         pid = int(text)
-        if pid <= 0:  # os.kill(0, ...) would signal our own process group and always succeed
+        if pid <= 0:  # os.kill(0, ...) would signal this process's own group and always succeed
             return None
         os.kill(pid, 0)  # raises when that process is gone
     except (ValueError, ProcessLookupError, FileNotFoundError):
@@ -149,7 +150,7 @@ def _lock(out: Path) -> int | None:
             owner = _lock_owner(path)
             if owner is not None:
                 return owner
-            path.unlink(missing_ok=True)  # stale lock of a dead process (or our own)
+            path.unlink(missing_ok=True)  # stale lock of a dead process (or of this one)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
@@ -210,7 +211,7 @@ def _train(cfg: TrainConfig, out: Path, tokenizer, cache_dir, progress: bool, lo
         # numbers and lists
         ckpt = load_torch_file(ckpt_path, "checkpoint", "delete it to train from the start")
         if not isinstance(ckpt, dict) or ckpt.get("config") != dataclasses.asdict(cfg):
-            raise ValueError(f"{ckpt_path} was written with another config; remove it or use the same options")
+            raise UserError(f"{ckpt_path} was written with another config; remove it or use the same options")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])

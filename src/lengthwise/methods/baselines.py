@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lengthwise.patching import Undo
 from lengthwise.registry import get_method, option, parse_method_spec, register
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class SlidingWindowConfig:
         for name in ("window", "stride"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"sliding-window {name} must be a positive integer, got {value!r}")
+                raise UserError(f"sliding-window {name} must be a positive integer, got {value!r}")
         if self.window and self.stride and self.stride > self.window:
-            raise ValueError(f"sliding-window stride ({self.stride}) must not exceed window ({self.window})")
+            raise UserError(f"sliding-window stride ({self.stride}) must not exceed window ({self.window})")
 
 
 @register(

@@ -1,4 +1,4 @@
-"""`lm-infinite`: Λ-shaped attention with a distance limit (LM-Infinite, seed 000)."""
+"""`lm-infinite`: Λ-shaped attention with a distance limit (LM-Infinite, Han et al. 2023, arXiv 2308.16137)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from lengthwise.attention.pattern import LambdaPattern
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
 from lengthwise.registry import option, register
+from lengthwise.errors import UserError
 
 KERNELS = ("blocked", "eager", "flex")
 IMPL_HELP = "'blocked' (O(n) fast path), 'eager' (dense reference, for tests) or 'flex' (FlexAttention)"
@@ -20,12 +21,12 @@ def check_positive(method: str, name: str, value, allow_zero: bool = False) -> N
     low = 0 if allow_zero else 1
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
         kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{method} {name} must be {kind} integer, got {value!r}")
+        raise UserError(f"{method} {name} must be {kind} integer, got {value!r}")
 
 
 def check_kernel(method: str, impl: str, block) -> None:
     if impl not in KERNELS:
-        raise ValueError(f"{method} impl must be one of {', '.join(KERNELS)}, got {impl!r}")
+        raise UserError(f"{method} impl must be one of {', '.join(KERNELS)}, got {impl!r}")
     check_positive(method, "block", block)
 
 
@@ -65,18 +66,18 @@ class LMInfiniteConfig:
         for name in ("retrieval_block", "representatives", "query_group", "middle_distance", "middle_to_layer"):
             check_positive("lm-infinite", name, getattr(self, name))
         if self.impl == "flex" and (self.top_k or self.top_blocks):
-            raise ValueError("lm-infinite top_k/top_blocks run on impl 'blocked' or 'eager', not 'flex' (the "
+            raise UserError("lm-infinite top_k/top_blocks run on impl 'blocked' or 'eager', not 'flex' (the "
                              "compiled CPU FlexAttention kernel returns no log-sum-exp to merge the middle with)")
         if self.top_k or self.top_blocks:
             try:
                 self.middle(distance=1)
             except ValueError as error:
-                raise ValueError(f"lm-infinite {error}") from None
+                raise UserError(f"lm-infinite {error}") from None
         if self.middle_to_layer is not None and self.middle_to_layer <= self.middle_from_layer:
-            raise ValueError(f"lm-infinite middle_to_layer ({self.middle_to_layer}) must exceed middle_from_layer "
+            raise UserError(f"lm-infinite middle_to_layer ({self.middle_to_layer}) must exceed middle_from_layer "
                              f"({self.middle_from_layer})")
         if self.n_local and self.distance_limit and self.n_local > self.distance_limit:
-            raise ValueError(
+            raise UserError(
                 f"lm-infinite n_local ({self.n_local}) must not exceed distance_limit ({self.distance_limit}): "
                 "local tokens keep their true distance, which must stay within the limit"
             )
@@ -90,7 +91,7 @@ def resolve(config: LMInfiniteConfig, pretrain_length: int) -> LambdaPattern:
     limit = config.distance_limit or pretrain_length
     n_local = config.n_local or min(pretrain_length, limit)
     if n_local > limit:
-        raise ValueError(
+        raise UserError(
             f"lm-infinite n_local ({n_local}) must not exceed distance_limit ({limit}, the training length by "
             "default); pass distance_limit as well"
         )
@@ -106,13 +107,13 @@ def resolve_middle(config: LMInfiniteConfig, pattern: LambdaPattern, num_layers:
     if middle.farthest > pattern.limit:
         spread = f" + top_blocks x retrieval_block - 1 (middle_order 'kept') = {middle.farthest}" \
             if middle.order == "kept" else ""
-        raise ValueError(f"lm-infinite middle_distance ({distance}){spread} must not exceed distance_limit "
+        raise UserError(f"lm-infinite middle_distance ({distance}){spread} must not exceed distance_limit "
                          f"({pattern.limit}): middle keys must appear at a distance seen in training")
     if config.top_blocks and config.retrieval_block > pattern.n_local:
-        raise ValueError(f"lm-infinite retrieval_block ({config.retrieval_block}) must not exceed n_local "
+        raise UserError(f"lm-infinite retrieval_block ({config.retrieval_block}) must not exceed n_local "
                          f"({pattern.n_local})")
     if config.middle_from_layer >= num_layers:
-        raise ValueError(f"lm-infinite middle_from_layer ({config.middle_from_layer}) must be below the model's "
+        raise UserError(f"lm-infinite middle_from_layer ({config.middle_from_layer}) must be below the model's "
                          f"{num_layers} layers")
     last = min(config.middle_to_layer or num_layers, num_layers)
     return middle, range(config.middle_from_layer, last)

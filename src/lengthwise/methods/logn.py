@@ -1,7 +1,7 @@
 """log-n attention scaling: the query at position p is multiplied by max(1, log(p+1) / log(L)).
 
 Why: past the training length a query attends over more keys, so its attention entropy grows; scaling the logits by
-log n / log L keeps the entropy near what the model saw in training (seed 001; Chiang & Cholak 2022, Su 2023).
+log n / log L keeps the entropy near what the model saw in training (Chiang & Cholak 2022, arXiv 2202.12172; Su 2023).
 
 How: a forward pre-hook on every attention module stashes that call's `position_ids`; a forward hook on the query
 projection (`q_proj`, the query part of `qkv_proj` / `query_key_value`, or `q_norm` where the model normalises
@@ -21,6 +21,7 @@ from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
 from lengthwise.registry import option, register
 from lengthwise.rope.scaling import logn_scale
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class LognConfig:
     def __post_init__(self) -> None:
         length = self.original_max_position_embeddings
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
-            raise ValueError(f"logn original_max_position_embeddings must be an integer >= 2, got {length!r}")
+            raise UserError(f"logn original_max_position_embeddings must be an integer >= 2, got {length!r}")
 
 
 def _query_target(attention: nn.Module, config) -> tuple[nn.Module, str, int, int] | None:
@@ -70,7 +71,7 @@ def _scaled(output: torch.Tensor, scale: torch.Tensor, layout: str, heads: int, 
     role="query-scale",
     summary="log-n scaling: each query multiplied by max(1, log(p+1)/log(L)), keeping attention entropy near "
     "training values past L; composes with rope methods and lm-infinite.",
-    paper="Chiang & Cholak 2022 (arXiv 2202.12172); Su 2023, log-n scaling in ReRoPE/NTK posts (seed 001)",
+    paper="Chiang & Cholak 2022 (arXiv 2202.12172); Su 2023, log-n scaling in ReRoPE/NTK posts",
     encodings=("rope",),
 )
 def apply_logn(model, config: LognConfig) -> Undo:
@@ -86,7 +87,7 @@ def apply_logn(model, config: LognConfig) -> Undo:
         def stash(mod, args, kwargs, state=state):
             positions = kwargs.get("position_ids")
             if positions is None:
-                raise ValueError(f"logn: {type(mod).__name__} was called without position_ids; cannot scale queries")
+                raise UserError(f"logn: {type(mod).__name__} was called without position_ids; cannot scale queries")
             state["scale"] = logn_scale(positions, length)  # (B or 1, T)
 
         def scale(mod, args, output, state=state, layout=layout, heads=heads, head_dim=head_dim):
@@ -97,7 +98,7 @@ def apply_logn(model, config: LognConfig) -> Undo:
         found += 1
     if not found:
         undo.remove()
-        raise ValueError(
+        raise UserError(
             f"logn found no query projection (q_proj, qkv_proj, query_key_value, q_norm) in this "
             f"{model.config.model_type!r} model"
         )

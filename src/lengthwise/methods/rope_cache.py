@@ -16,6 +16,7 @@ import torch
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.rope.plan import FrequencyPlan
 from lengthwise.rope.rotation import rotate
+from lengthwise.errors import UserError
 
 RECORD_ATTRIBUTE = "_lengthwise_rope"  # set on the cache object: the CacheRecord of what it holds
 
@@ -36,7 +37,7 @@ def full_dynamic_layers(cache) -> None:
 
     for index, layer in enumerate(cache.layers):
         if not isinstance(layer, DynamicLayer) or isinstance(layer, DynamicSlidingWindowLayer):
-            raise ValueError(
+            raise UserError(
                 f"frequencies changed during decoding, and cache layer {index} is a {type(layer).__name__}: the cache "
                 f"can be updated only when it is a full DynamicCache (keys at positions 0..n-1)"
             )
@@ -83,7 +84,7 @@ class CacheSync:
         cached = cache.get_seq_length()
         record = getattr(cache, RECORD_ATTRIBUTE, None) if cached else None
         if cached and (record is None or record.positions.shape[-1] != cached):
-            raise ValueError(
+            raise UserError(
                 f"this KV cache holds {cached} entries that were not computed under this patch (or not as a full "
                 f"cache); with frequencies that change with the length, start from an empty cache after patching"
             )
@@ -103,7 +104,7 @@ class CacheSync:
     def _rebuild(self, parent, cache, record: CacheRecord, kwargs: dict) -> None:
         """Recompute the cached prefix under this call's frequencies (the caller has already fixed them)."""
         if record.input_ids is None:
-            raise ValueError(f"{self.method!r} must rebuild the KV cache when its frequencies change, which needs "
+            raise UserError(f"{self.method!r} must rebuild the KV cache when its frequencies change, which needs "
                              f"input_ids (the cache was filled from inputs_embeds); use on_change='rerotate'")
         full_dynamic_layers(cache)
         cache.crop(-record.positions.shape[-1])  # empty every layer

@@ -26,10 +26,10 @@ from lengthwise.models.compat import (PatchNotInForce, cache_from_kwargs, rotary
 from lengthwise.models.families import model_info, shipped_rope_parameters
 from lengthwise.models.probe import probe_attention
 from lengthwise.patching import Undo
-from lengthwise.errors import UnsupportedModelError
+from lengthwise.errors import UnsupportedModelError, UserError
 from lengthwise.registry import register
 from lengthwise.rope import scaling
-from lengthwise.rope.export import to_rope_parameters
+from lengthwise.rope.table import to_rope_parameters
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.rope.plan import POSITION_DEPENDENT_MARK, FrequencyPlan
 from lengthwise.rope.rotation import RotaryLayout, rotary_layout
@@ -77,7 +77,7 @@ def _rotated_layers(model, method: str, layout: RotaryLayout) -> int | None:
 def require_standard_attention(model, method: str, why: str) -> None:
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in STANDARD_ATTENTION:
-        raise ValueError(
+        raise UserError(
             f"{method!r} {why} cannot be combined with attention implementation {impl!r} (it needs the keys rotated "
             f"as the rotary embedding says; e.g. lm-infinite re-rotates keys with one set of frequencies). Use a "
             f"static setting (n_hat=0, no short_factors) or plain attention "
@@ -97,7 +97,7 @@ def _parent_of(model, child) -> torch.nn.Module:
     for module in model.modules():
         if any(c is child for c in module.children()):
             return module
-    raise ValueError("rotary module not found in the model")
+    raise UserError("rotary module not found in the model")
 
 
 def _gaps(plan: FrequencyPlan, inv_freq: torch.Tensor, factor: float) -> tuple[float, float]:
@@ -164,7 +164,7 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
     rotary = layout.rotary_module
     if plan.static:
         if rope_parameters is None:
-            raise ValueError(f"{method!r}: a static plan is patched in as rope_parameters; none given")
+            raise UserError(f"{method!r}: a static plan is patched in as rope_parameters; none given")
         built = rotary_from_rope_parameters(rotary, rope_parameters)
         check_same_frequencies(model, built, plan, method, rope_parameters)
         inv_freq, factor = plan.scaled(0)
@@ -220,8 +220,7 @@ def apply_plan(model, plan: FrequencyPlan, method: str, layout: RotaryLayout, on
         emb = torch.cat((angles, angles), dim=-1) if layout_kind == "cat" else angles.repeat_interleave(2, dim=-1)
         return (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)
 
-    rotary.forward = forward  # an instance attribute shadows the class's forward
-    undo.add(lambda: rotary.__dict__.pop("forward", None))
+    undo.shadow(rotary, "forward", forward)
     return undo
 
 

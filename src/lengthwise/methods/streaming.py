@@ -16,6 +16,7 @@ from lengthwise.methods.lm_infinite import BLOCK_HELP, IMPL_HELP, check_kernel, 
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
 from lengthwise.registry import option, register
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class StreamingConfig:
 def resolve(config: StreamingConfig, pretrain_length: int) -> LambdaPattern:
     window = config.window or pretrain_length - config.n_sink
     if window < 1:
-        raise ValueError(f"streaming n_sink ({config.n_sink}) leaves no room for a window in {pretrain_length} tokens")
+        raise UserError(f"streaming n_sink ({config.n_sink}) leaves no room for a window in {pretrain_length} tokens")
     return LambdaPattern(config.n_sink, window, config.n_sink + window - 1, key_anchor="self")
 
 

@@ -15,9 +15,10 @@ import types
 import torch
 
 from lengthwise.attention.alibi import alibi_slopes as paper_slopes
-from lengthwise.attention.hf import attend, shadow_method
+from lengthwise.attention.hf import attend
 from lengthwise.models.compat import cache_from_kwargs, gptj_rotary_table
 from lengthwise.rope.rotation import rotary_layout, rotate, rotation_angles
+from lengthwise.errors import UserError
 
 
 def alibi_slopes(model) -> torch.Tensor:
@@ -35,7 +36,7 @@ def alibi_slopes(model) -> torch.Tensor:
         if padded != heads:
             slopes = torch.cat([slopes[1::2], slopes[::2]])[:heads]
         return slopes
-    raise ValueError(f"no ALiBi slopes for model type {config.model_type!r}; accepted: bloom, mpt")
+    raise UserError(f"no ALiBi slopes for model type {config.model_type!r}; accepted: bloom, mpt")
 
 
 def _positions(mask2d, past_seen: int, length: int, device) -> torch.Tensor:
@@ -126,7 +127,7 @@ def gptj_rotary_from_formula(model, undo) -> None:
         angles = rotation_angles(position_ids, layout.inv_freq)  # (B, T, rotary_dim/2)
         return angles.sin().to(x.dtype), angles.cos().to(x.dtype)
 
-    shadow_method(gptj_rotary_table(model), "forward", forward, undo)
+    undo.shadow(gptj_rotary_table(model), "forward", forward)
 
 
 FORWARDS = {"bloom": bloom_forward, "mpt": mpt_forward, "gptj": gptj_forward}
@@ -138,7 +139,7 @@ def adapter_attention_modules(model) -> list:
     name = ATTENTION_CLASSES[model.config.model_type]
     found = [m for m in model.modules() if type(m).__name__ == name and hasattr(m, "layer_idx")]
     if not found:
-        raise ValueError(f"found no {name} modules with a layer_idx in {type(model).__name__}")
+        raise UserError(f"found no {name} modules with a layer_idx in {type(model).__name__}")
     return found
 
 
@@ -146,5 +147,5 @@ def replace_attention_forward(model, undo) -> None:
     """Swap in the family's Λ forward on every attention module (modules must already carry their state)."""
     forward = FORWARDS[model.config.model_type]
     for module in adapter_attention_modules(model):
-        shadow_method(module, "forward", types.MethodType(forward, module), undo)
+        undo.shadow(module, "forward", types.MethodType(forward, module))
 

@@ -1,4 +1,4 @@
-"""The one place that knows transformers' internals: every name we read that is not a documented extension point.
+"""The one place that knows transformers' internals: every name read here that is not a documented extension point.
 
 Supported range: `SUPPORTED_TRANSFORMERS` (pyproject declares the same; `make test-compat` runs the default tier on
 both ends). The differences handled here, each found by feature detection rather than by version number:
@@ -12,7 +12,7 @@ both ends). The differences handled here, each found by feature detection rather
   standard attention path and only replaces the table lookup by the formula (any position, no table).
 - the attention-implementation switch: `PreTrainedModel.set_attn_implementation` where the model supports it;
   Bloom and MPT (attention not yet on `AttentionInterface`) refuse it, and for them the config's internal
-  `_attn_implementation_internal` is written (it only routes their mask creation to our O(n) padding mask).
+  `_attn_implementation_internal` is written (it only routes their mask creation to lengthwise's O(n) padding mask).
 - cache layers: `generate()` asks `is_croppable` (5.24) before assisted decoding; bounded layers say False.
 - static RoPE rescaling: a new rotary module of the model's own class, built from a copy of its config with
   `rope_parameters` set (transformers computes the frequencies), replaces the live one; nothing is written into
@@ -105,7 +105,7 @@ def gptj_uses_attention_interface(model) -> bool:
 
 
 def gptj_layer_table(attention_module, positions):
-    """<= 5.23 only: the per-layer sin/cos table lookup (for tests comparing our rotation with the family's)."""
+    """<= 5.23 only: the per-layer sin/cos table lookup (tests compare lengthwise's rotation with the family's)."""
     return attention_module._get_embed_positions(positions)
 
 

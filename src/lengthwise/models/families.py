@@ -15,6 +15,7 @@ from typing import Any
 import torch.nn as nn
 
 from lengthwise.errors import UnsupportedModelError
+from lengthwise.models.compat import gptj_uses_attention_interface
 
 __all__ = ["ADAPTER_FAMILIES", "ModelInfo", "UnsupportedModelError", "attention_route", "config_encoding",
            "context_length", "model_info", "require_encoding", "shipped_rope_parameters"]
@@ -28,8 +29,6 @@ DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
 def attention_route(model) -> str:
     """"adapter" (the family's attention forward is replaced) or "interface" (AttentionInterface)."""
-    from lengthwise.models.compat import gptj_uses_attention_interface  # noqa: PLC0415
-
     model_type = model.config.model_type
     if model_type in ADAPTER_FAMILIES and not gptj_uses_attention_interface(model):
         return "adapter"

@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from lengthwise.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
 _SOURCE = re.compile(r"from (.+) \((\d+) bytes\)$")  # the line convert_gguf writes in SOURCE.txt
@@ -75,7 +76,7 @@ def find_gguf(name_or_path: str) -> Path | None:
     if path.is_dir() and not (path / "config.json").exists():
         found = sorted(path.glob("*.gguf"))
         if len(found) > 1:
-            raise ValueError(f"folder {path} holds several GGUF files ({', '.join(p.name for p in found)}); "
+            raise UserError(f"folder {path} holds several GGUF files ({', '.join(p.name for p in found)}); "
                              f"pass one of them")
         path = found[0] if found else path
     if not path.is_file():
@@ -83,7 +84,7 @@ def find_gguf(name_or_path: str) -> Path | None:
     if is_gguf(path):
         return path
     if path.suffix == ".gguf":
-        raise ValueError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}); accepted: a .gguf model "
+        raise UserError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}); accepted: a .gguf model "
                          f"file, a folder holding one, or a registered real model ({', '.join(REAL_MODELS)})")
     return None
 

@@ -23,12 +23,13 @@ from lengthwise.report.tasks import (
     ruler_tables,
     slug,
 )
+from lengthwise.errors import UserError
 
 
 def read_results(paths: Sequence[str | Path]) -> list[dict]:
     """Records of every results file, in order; a missing file, or one holding no record, is an error."""
     if not paths:
-        raise ValueError("no results file given")
+        raise UserError("no results file given")
     records = []
     for path in paths:
         path = Path(path)
@@ -36,11 +37,11 @@ def read_results(paths: Sequence[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"results file {path} not found")
         found = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("task")]
         if not found:
-            raise ValueError(f"{path} holds no results records (JSON lines with a 'task' field)")
+            raise UserError(f"{path} holds no results records (JSON lines with a 'task' field)")
         records.extend(found)
     unknown = sorted({r["task"] for r in records} - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)} in the results; accepted: {', '.join(TASKS)}")
+        raise UserError(f"unknown task(s) {', '.join(unknown)} in the results; accepted: {', '.join(TASKS)}")
     return records
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lengthwise.report.plots import _pyplot, legend_label, save_figure
 from lengthwise.report.tables import markdown_table, ppl_table
+from lengthwise.errors import UserError
 
 TASKS = ("ppl", "passkey", "gen-quality", "bench", "ruler")
 
@@ -114,7 +115,7 @@ def plot_passkey_heatmap(records: list[dict], path: str | Path) -> None:
     plt = _pyplot()
     groups = group(records, "passkey")
     if not groups:
-        raise ValueError("no passkey records to plot")
+        raise UserError("no passkey records to plot")
     (model, _), rows = next(iter(groups.items()))
     methods = _methods(rows)
     lengths = sorted({r["length"] for r in rows})
@@ -185,7 +186,7 @@ def plot_gen_quality(records: list[dict], path: str | Path) -> None:
     plt = _pyplot()
     groups = group(records, "gen-quality")
     if not groups:
-        raise ValueError("no gen-quality records to plot")
+        raise UserError("no gen-quality records to plot")
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.8 * len(groups)), squeeze=False)
     for (model, data), ax_row in zip(groups, axes):
         rows = groups[(model, data)]
@@ -235,7 +236,7 @@ def plot_bench(records: list[dict], path: str | Path) -> None:
     plt = _pyplot()
     groups = group(records, "bench")
     if not groups:
-        raise ValueError("no bench records to plot")
+        raise UserError("no bench records to plot")
     fig, axes = plt.subplots(len(groups), 3, figsize=(14, 3.8 * len(groups)), squeeze=False)
     for ((model, _), rows), ax_row in zip(groups.items(), axes):
         for (key, label, _), ax in zip(BENCH_METRICS, ax_row):
@@ -299,7 +300,7 @@ def plot_ruler_heatmap(records: list[dict], path: str | Path) -> None:
     plt = _pyplot()
     groups = group(records, "ruler")
     if not groups:
-        raise ValueError("no RULER records to plot")
+        raise UserError("no RULER records to plot")
     (model, data), rows = next(iter(groups.items()))
     methods, tasks = _methods(rows), list(dict.fromkeys(r["ruler_task"] for r in rows))
     lengths = sorted({r["length"] for r in rows})

@@ -13,6 +13,7 @@ from lengthwise.registry import option
 from lengthwise.rope.factors import resolve_factors
 from lengthwise.rope.scaling import longrope_attention_factor
 from lengthwise.rope.shipped import SHIPPED_HELP, check_shipped_option
+from lengthwise.errors import UserError
 
 # help shared by every method of the family
 N_HAT_HELP = "positions < n_hat keep the original frequencies (LongRoPE's un-interpolated start tokens)"
@@ -23,17 +24,17 @@ ON_CHANGE_HELP = ("when the frequencies change while a KV cache holds entries: '
 
 def _check_factor(name: str, value: Any, minimum: float = 1.0) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ValueError(f"{name} must be a number >= {minimum:g}, got {value!r}")
+        raise UserError(f"{name} must be a number >= {minimum:g}, got {value!r}")
 
 
 def _check_common(method: str, config: Any) -> None:
     if isinstance(config.n_hat, bool) or not isinstance(config.n_hat, int) or config.n_hat < 0:
-        raise ValueError(f"{method} n_hat must be an integer >= 0 (start tokens kept un-interpolated), "
+        raise UserError(f"{method} n_hat must be an integer >= 0 (start tokens kept un-interpolated), "
                          f"got {config.n_hat!r}")
     check_shipped_option(method, config.shipped)
     length = config.original_max_position_embeddings
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
-        raise ValueError(
+        raise UserError(
             f"{method} original_max_position_embeddings must be an integer >= 2 (default: the model's training "
             f"length), got {length!r}"
         )
@@ -41,7 +42,7 @@ def _check_common(method: str, config: Any) -> None:
 
 def _check_on_change(method: str, value: Any) -> None:
     if value not in ("rebuild", "rerotate"):
-        raise ValueError(f"{method} on_change must be 'rebuild' or 'rerotate', got {value!r}")
+        raise UserError(f"{method} on_change must be 'rebuild' or 'rerotate', got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,11 @@ class YarnConfig:
         _check_factor("yarn factor", self.factor)
         _check_factor("yarn beta_slow", self.beta_slow, 1e-9)
         if not isinstance(self.beta_fast, (int, float)) or self.beta_fast <= self.beta_slow:
-            raise ValueError(f"yarn beta_fast must exceed beta_slow ({self.beta_slow}), got {self.beta_fast!r}")
+            raise UserError(f"yarn beta_fast must exceed beta_slow ({self.beta_slow}), got {self.beta_fast!r}")
         if self.attention_factor is not None:
             _check_factor("yarn attention_factor", self.attention_factor, 1e-9)
         if not isinstance(self.truncate, bool):
-            raise ValueError(f"yarn truncate must be true or false, got {self.truncate!r}")
+            raise UserError(f"yarn truncate must be true or false, got {self.truncate!r}")
         _check_common("yarn", self)
 
 
@@ -119,7 +120,7 @@ class Llama3Config:
         _check_factor("llama3 factor", self.factor)
         _check_factor("llama3 low_freq_factor", self.low_freq_factor, 1e-9)
         if not isinstance(self.high_freq_factor, (int, float)) or self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"llama3 high_freq_factor must exceed low_freq_factor ({self.low_freq_factor}), "
+            raise UserError(f"llama3 high_freq_factor must exceed low_freq_factor ({self.low_freq_factor}), "
                              f"got {self.high_freq_factor!r}")
         _check_common("llama3", self)
 
@@ -151,7 +152,7 @@ class LongRopeConfig:
         if self.short_attention_factor is not None:
             _check_factor("longrope short_attention_factor", self.short_attention_factor, 1e-9)
             if self.short_factors is None:
-                raise ValueError("longrope short_attention_factor applies with short_factors (the regime <= L); "
+                raise UserError("longrope short_attention_factor applies with short_factors (the regime <= L); "
                                  "give short_factors too")
         source = next((v for v in (self.long_factors, self.short_factors) if isinstance(v, str)), None)
         long = resolve_factors(self.long_factors, "long", "longrope long_factors")
@@ -161,7 +162,7 @@ class LongRopeConfig:
         if self.attention_factor is not None:
             _check_factor("longrope attention_factor", self.attention_factor, 1e-9)
         if long is not None and short is not None and len(long) != len(short):
-            raise ValueError(f"longrope long_factors ({len(long)}) and short_factors ({len(short)}) differ in length")
+            raise UserError(f"longrope long_factors ({len(long)}) and short_factors ({len(short)}) differ in length")
         object.__setattr__(self, "long_factors", long)
         object.__setattr__(self, "short_factors", short)
         if source is not None and self.source is None:
@@ -181,7 +182,7 @@ class LongRopeConfig:
         long = self.long_factors if self.long_factors is not None else (self.scale,) * half
         for what, values in (("long_factors", long), ("short_factors", self.short_factors)):
             if values is not None and len(values) != half:
-                raise ValueError(f"longrope {what} has {len(values)} numbers; this model needs rotary_dim/2 = {half} "
+                raise UserError(f"longrope {what} has {len(values)} numbers; this model needs rotary_dim/2 = {half} "
                                  f"(rotary_dim {rotary_dim})")
         return long, self.short_factors
 

@@ -6,8 +6,8 @@
 What transformers cannot express raises a ValueError saying why: `n_hat > 0` (no start-token rule there), `logn`
 (no query scale). `ntk` exports as the default rope with the NTK base (`rope_theta` = b s^(d/(d-2))): identical
 frequencies. `dynamic-ntk` exports as transformers' "dynamic" type, which agrees on a fresh forward pass but keeps
-the largest base it has seen and does not re-rotate cached keys (ours does both correctly). `longrope` without
-short factors exports with short_factor = long_factor (never switching).
+the largest base it has seen and does not re-rotate cached keys (lengthwise's dynamic-ntk does both correctly).
+`longrope` without short factors exports with short_factor = long_factor (never switching).
 
 One export function per method, `(config, ExportTarget) -> entries to set`; the method table
 (`lengthwise.rope.table`) pairs each with its config and plan.
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
+from lengthwise.rope.rotation import rotary_layout
 from lengthwise.rope.scaling import RopeGeometry, ntk_base
+from lengthwise.errors import UserError
 
 _CARRIED = ("rope_theta", "partial_rotary_factor")  # base settings kept from the model's own rope_parameters
 # methods of other roles that users may still try to export, and why they cannot be
@@ -51,8 +53,6 @@ class ExportTarget:
     def rotary_dim(self) -> int:
         # read only by the exports that need it: a model without a rotary module can still export e.g. linear
         if hasattr(self.model_or_config, "config"):
-            from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
-
             return rotary_layout(self.model_or_config).rotary_dim
         config = self.model_or_config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -70,7 +70,7 @@ def ntk_parameters(config: NtkConfig, target: ExportTarget) -> dict[str, Any]:
 
 def dynamic_ntk_parameters(config: DynamicNtkConfig, target: ExportTarget) -> dict[str, Any]:
     if target.length != getattr(target.model_config, "max_position_embeddings", target.length):
-        raise ValueError(
+        raise UserError(
             "transformers' dynamic rope reads L from max_position_embeddings; cannot export a different "
             f"original_max_position_embeddings ({target.length})"
         )
@@ -93,27 +93,10 @@ def llama3_parameters(config: Llama3Config, target: ExportTarget) -> dict[str, A
 def longrope_parameters(config: LongRopeConfig, target: ExportTarget) -> dict[str, Any]:
     long, short = config.factor_sets(target.rotary_dim)
     long = list(long)
+    if config.short_attention(target.length) != config.attention(target.length):
+        raise UserError("transformers' longrope has one attention_factor for both regimes; longrope with a "
+                         "short_attention_factor other than attention_factor cannot be written as rope_parameters "
+                         "(keep the lengthwise patch)")
     return {"rope_type": "longrope", "long_factor": long, "short_factor": list(short) if short is not None else long,
             "factor": float(config.scale), "original_max_position_embeddings": target.length,
             "attention_factor": config.attention(target.length)}
-
-
-def to_rope_parameters(method: str, config: Any, model_or_config: Any) -> dict[str, Any]:
-    """`rope_parameters` for `method` with `config` (its dataclass) on a model (or its config)."""
-    from lengthwise.models.families import context_length  # noqa: PLC0415
-    from lengthwise.rope.table import ROPE_METHODS  # noqa: PLC0415 - the table imports this module
-
-    model_config = getattr(model_or_config, "config", model_or_config)
-    params = base_rope_parameters(model_config)
-    if method in NOT_EXPRESSIBLE:
-        raise ValueError(NOT_EXPRESSIBLE[method])
-    if getattr(config, "n_hat", 0):
-        raise ValueError(
-            f"transformers has no start-token rule (n_hat={config.n_hat}); {method} with n_hat > 0 cannot be written "
-            f"as rope_parameters (use n_hat=0, or keep the lengthwise patch)"
-        )
-    if method not in ROPE_METHODS:
-        raise ValueError(f"no rope_parameters export for {method!r}; accepted: {', '.join(ROPE_METHODS)}")
-    length = getattr(config, "original_max_position_embeddings", None) or context_length(model_config)
-    params.update(ROPE_METHODS[method].export(config, ExportTarget(model_or_config, params, length)))
-    return params

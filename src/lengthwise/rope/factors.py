@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lengthwise.io import atomic_write_json
+from lengthwise.errors import UserError
 
 _KEYS = {"long": ("long_factors", "long_factor"), "short": ("short_factors", "short_factor")}
 
@@ -20,21 +21,21 @@ _KEYS = {"long": ("long_factors", "long_factor"), "short": ("short_factors", "sh
 def check_factors(values: Any, what: str = "factors") -> tuple[float, ...]:
     """A non-empty sequence of positive finite numbers -> tuple of floats, or a clear ValueError."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{what} must be a list of positive numbers or a path to a JSON file, got {values!r}")
+        raise UserError(f"{what} must be a list of positive numbers or a path to a JSON file, got {values!r}")
     out = []
     for i, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{what}[{i}] must be a positive finite number, got {value!r}")
+            raise UserError(f"{what}[{i}] must be a positive finite number, got {value!r}")
         out.append(float(value))
     if not out:
-        raise ValueError(f"{what} is empty; give one factor per rotary frequency (rotary_dim/2 numbers)")
+        raise UserError(f"{what} is empty; give one factor per rotary frequency (rotary_dim/2 numbers)")
     return tuple(out)
 
 
 def read_factors_file(path: str | Path, regime: str = "long") -> tuple[float, ...] | None:
     """Factors of `regime` ("long" | "short") from a JSON file; None if the file is an object without that regime."""
     if regime not in _KEYS:
-        raise ValueError(f"unknown LongRoPE regime {regime!r}; accepted: long, short")
+        raise UserError(f"unknown LongRoPE regime {regime!r}; accepted: long, short")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LongRoPE factors file {path} does not exist (expected JSON: a list, or "
@@ -42,16 +43,16 @@ def read_factors_file(path: str | Path, regime: str = "long") -> tuple[float, ..
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"LongRoPE factors file {path} is not valid JSON: {err}") from err
+        raise UserError(f"LongRoPE factors file {path} is not valid JSON: {err}") from err
     if isinstance(data, list):
         return check_factors(data, f"{path}") if regime == "long" else None
     if not isinstance(data, dict):
-        raise ValueError(f"LongRoPE factors file {path} must hold a list or an object, got {type(data).__name__}")
+        raise UserError(f"LongRoPE factors file {path} must hold a list or an object, got {type(data).__name__}")
     for key in _KEYS[regime]:
         if key in data:
             return check_factors(data[key], f"{path}:{key}")
     if regime == "long":
-        raise ValueError(f"LongRoPE factors file {path} has no 'long_factors' (keys: {', '.join(data) or 'none'})")
+        raise UserError(f"LongRoPE factors file {path} has no 'long_factors' (keys: {', '.join(data) or 'none'})")
     return None
 
 

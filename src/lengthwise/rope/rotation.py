@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lengthwise.errors import UnsupportedModelError
+from lengthwise.errors import UnsupportedModelError, UserError
 from lengthwise.rope.scaling import base_inv_freq
 
 
@@ -61,7 +61,7 @@ def rotate(x: torch.Tensor, angles: torch.Tensor, style: str = "half", offset: i
         even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
         rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
     else:
-        raise ValueError(f"unknown rotary style {style!r}; accepted: 'half', 'interleaved'")
+        raise UserError(f"unknown rotary style {style!r}; accepted: 'half', 'interleaved'")
     kept = [part for part in (before, rotated, after) if part.shape[-1]]
     return torch.cat(kept, dim=-1) if len(kept) > 1 else rotated
 

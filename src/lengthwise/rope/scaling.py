@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,11 @@ class RopeGeometry:
 
     def __post_init__(self) -> None:
         if self.rotary_dim < 4 or self.rotary_dim % 2:
-            raise ValueError(f"rotary_dim must be an even number >= 4, got {self.rotary_dim}")
+            raise UserError(f"rotary_dim must be an even number >= 4, got {self.rotary_dim}")
         if self.base <= 1:
-            raise ValueError(f"rope base must be > 1, got {self.base}")
+            raise UserError(f"rope base must be > 1, got {self.base}")
         if self.pretrain_length < 1:
-            raise ValueError(f"pretrain_length must be positive, got {self.pretrain_length}")
+            raise UserError(f"pretrain_length must be positive, got {self.pretrain_length}")
 
 
 def _exponents(rotary_dim: int) -> torch.Tensor:
@@ -142,12 +143,12 @@ def longrope_inv_freq(base_inv_freq: torch.Tensor, factors) -> torch.Tensor:
     """
     lam = torch.as_tensor(factors, dtype=torch.float32)
     if lam.shape != base_inv_freq.shape:
-        raise ValueError(
+        raise UserError(
             f"LongRoPE needs one factor per rotary frequency: expected {base_inv_freq.shape[0]} (rotary_dim/2), "
             f"got {lam.numel()}"
         )
     if not bool((lam > 0).all()):
-        raise ValueError(f"LongRoPE factors must be positive, got min {lam.min().item()}")
+        raise UserError(f"LongRoPE factors must be positive, got min {lam.min().item()}")
     return 1.0 / (lam * (1.0 / base_inv_freq.float()))
 
 
@@ -155,7 +156,7 @@ def longrope_geometry_inv_freq(g: RopeGeometry, factors) -> torch.Tensor:
     """LongRoPE frequencies from the geometry, computed exactly as transformers: 1 / (lambda_i * b^(2i/d))."""
     lam = torch.as_tensor(factors, dtype=torch.float32)
     if lam.shape != (g.rotary_dim // 2,):
-        raise ValueError(f"LongRoPE needs one factor per rotary frequency: expected {g.rotary_dim // 2} "
+        raise UserError(f"LongRoPE needs one factor per rotary frequency: expected {g.rotary_dim // 2} "
                          f"(rotary_dim/2), got {lam.numel()}")
     return 1.0 / (lam * base_powers(g.rotary_dim, g.base))
 
@@ -163,6 +164,6 @@ def longrope_geometry_inv_freq(g: RopeGeometry, factors) -> torch.Tensor:
 def logn_scale(positions: torch.Tensor, pretrain_length: int) -> torch.Tensor:
     """max(1, log(p+1)/log(L)) for 0-based positions p (any shape) -> same shape, float32."""
     if pretrain_length < 2:
-        raise ValueError(f"log-n scaling needs a training length >= 2, got {pretrain_length}")
+        raise UserError(f"log-n scaling needs a training length >= 2, got {pretrain_length}")
     p = positions.to(torch.float32)
     return torch.clamp(torch.log(p + 1) / math.log(pretrain_length), min=1.0)

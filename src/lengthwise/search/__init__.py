@@ -1,4 +1,5 @@
-"""LongRoPE search: evolutionary search of per-dimension RoPE factors and start tokens (seed 002).
+"""LongRoPE search: evolutionary search of per-dimension RoPE factors and start tokens (Ding et al. 2024,
+LongRoPE, arXiv 2402.13753).
 
 Pure engine (`space`, `evolution`), fitness (`fitness`), checkpoints, serial/Ray backends, and the end-to-end
 `longrope(model, tokenizer, documents, target_length=...)`.

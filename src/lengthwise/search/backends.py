@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from lengthwise.distributed import ray_available, require_ray, start_ray
 from lengthwise.search.space import Candidate
+from lengthwise.errors import UserError
 
 __all__ = ["RayBackend", "SerialBackend", "ray_available"]
 
@@ -53,7 +54,7 @@ class RayBackend:
         on_result: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise UserError(f"workers must be >= 1, got {workers}")
         self.ray = ray = require_ray("--ray-address")
         self._started = start_ray(address, max(workers, 1) * num_cpus_per_worker, "--ray-address")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lengthwise.io import atomic_write_json
 from lengthwise.search.evolution import SearchState
+from lengthwise.errors import UserError
 
 VERSION = 1
 
@@ -28,17 +29,17 @@ def load_checkpoint(path: str | Path, fingerprint: dict) -> SearchState | None:
     try:  # JSON only: whatever else the file holds is never unpickled or run
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {path} is not a JSON search checkpoint ({err}); delete it to start "
+        raise UserError(f"checkpoint {path} is not a JSON search checkpoint ({err}); delete it to start "
                          "over") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path} is not a JSON search checkpoint (not an object); delete it to start over")
+        raise UserError(f"checkpoint {path} is not a JSON search checkpoint (not an object); delete it to start over")
     if obj.get("version") != VERSION:
-        raise ValueError(f"checkpoint {path} has version {obj.get('version')!r}; this lengthwise reads {VERSION}")
+        raise UserError(f"checkpoint {path} has version {obj.get('version')!r}; this lengthwise reads {VERSION}")
     saved = json.loads(json.dumps(obj.get("fingerprint")))
     wanted = json.loads(json.dumps(fingerprint))  # same normalisation (tuples -> lists) on both sides
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} belongs to another search (differs in: {', '.join(diff)}); "
             "use another output folder or delete the checkpoint to start over"
         )

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from lengthwise.search.space import Candidate, SearchSpace
+from lengthwise.errors import UserError
 
 Evaluate = Callable[[list[Candidate]], list[float]]  # fitness of each candidate (lower is better), same order
 
@@ -41,14 +42,14 @@ class EvolutionConfig:
     def __post_init__(self) -> None:
         for name in ("population", "parents", "iterations", "max_tries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("mutations", "crossovers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not 0.0 < self.mutation_prob <= 1.0:
-            raise ValueError(f"mutation_prob must be in (0, 1], got {self.mutation_prob}")
+            raise UserError(f"mutation_prob must be in (0, 1], got {self.mutation_prob}")
         if self.mutation_step is not None and not self.mutation_step >= 0.01:
-            raise ValueError(f"mutation_step must be >= 0.01 (one grid step), got {self.mutation_step}")
+            raise UserError(f"mutation_step must be >= 0.01 (one grid step), got {self.mutation_step}")
 
 
 def generation_rng(seed: int, generation: int) -> random.Random:
@@ -101,7 +102,7 @@ def initial_population(
     rng = generation_rng(config.seed, 0)
     population = list(dict.fromkeys(c for c in seeds if space.is_valid(c)))
     if not population:
-        raise ValueError("no valid seed candidate: every seed is outside the search space")
+        raise UserError("no valid seed candidate: every seed is outside the search space")
     population = population[: config.population]
     taken = set(population)
     cursor = 0

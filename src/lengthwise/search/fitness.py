@@ -15,6 +15,7 @@ import torch
 
 from lengthwise.patching import Undo
 from lengthwise.search.space import Candidate
+from lengthwise.errors import UserError
 
 
 @dataclass
@@ -39,11 +40,11 @@ class PerplexityFitness:
 
     def __post_init__(self) -> None:
         if self.regime not in ("long", "short"):
-            raise ValueError(f"unknown regime {self.regime!r}; accepted: long, short")
+            raise UserError(f"unknown regime {self.regime!r}; accepted: long, short")
         if self.regime == "short" and self.long_factors is None:
-            raise ValueError("the short-factor search needs the long factors it will be switched with")
+            raise UserError("the short-factor search needs the long factors it will be switched with")
         if not self.documents:
-            raise ValueError("fitness needs at least one document")
+            raise UserError("fitness needs at least one document")
 
     def options(self, candidate: Candidate) -> dict:
         """Options of the `longrope` method that apply `candidate`."""
@@ -106,11 +107,11 @@ def direct_longrope_patch(model, candidate: Candidate, pretrain_length: int, att
     layout = rotary_layout(model)
     rotary = layout.rotary_module
     if rotary is None:
-        raise ValueError("direct_longrope_patch needs a model with a rotary_emb module")
+        raise UserError("direct_longrope_patch needs a model with a rotary_emb module")
     theta = base_inv_freq(layout.rotary_dim, layout.base).double()  # (d/2,)
     lam = torch.tensor(candidate.lambdas, dtype=torch.float64)
     if lam.shape != theta.shape:
-        raise ValueError(f"candidate has {lam.numel()} factors; this model needs {theta.numel()}")
+        raise UserError(f"candidate has {lam.numel()} factors; this model needs {theta.numel()}")
     scaled = theta / lam
 
     def forward(x, position_ids, *args, **kwargs):
@@ -120,8 +121,7 @@ def direct_longrope_patch(model, candidate: Candidate, pretrain_length: int, att
         return (emb.cos() * attention).to(x.dtype), (emb.sin() * attention).to(x.dtype)
 
     undo = Undo()
-    rotary.forward = forward
-    undo.add(lambda: rotary.__dict__.pop("forward", None))
+    undo.shadow(rotary, "forward", forward)
     return undo
 
 

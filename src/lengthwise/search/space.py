@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from lengthwise.errors import UserError
 
 # Paper's n_hat choices (LongRoPE §3.2); values past the target length are dropped by SearchSpace.
 PAPER_N_HAT = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
@@ -44,15 +45,15 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         if self.num_factors < 1:
-            raise ValueError(f"num_factors must be >= 1, got {self.num_factors}")
+            raise UserError(f"num_factors must be >= 1, got {self.num_factors}")
         if not self.scale >= 1.0:
-            raise ValueError(f"scale s must be >= 1 (target length >= pretraining length), got {self.scale}")
+            raise UserError(f"scale s must be >= 1 (target length >= pretraining length), got {self.scale}")
         if self.high is None:
             object.__setattr__(self, "high", max(self.low, math.floor(1.25 * self.scale * GRID + 1e-9)))
         if self.high < self.low:
-            raise ValueError(f"factor ceiling {self.high / GRID} is below the floor {self.low / GRID}")
+            raise UserError(f"factor ceiling {self.high / GRID} is below the floor {self.low / GRID}")
         if not self.n_hat_choices:
-            raise ValueError("n_hat_choices must not be empty")
+            raise UserError("n_hat_choices must not be empty")
 
     def is_valid(self, c: Candidate) -> bool:
         """Right length, inside [low, high], non-decreasing, n_hat among the choices."""
@@ -67,7 +68,7 @@ class SearchSpace:
     def snap(self, lambdas: list[float], n_hat: int = 0) -> Candidate:
         """Round floats onto the grid, clip into bounds, and make non-decreasing (running max)."""
         if len(lambdas) != self.num_factors:
-            raise ValueError(f"expected {self.num_factors} factors (one per rotary pair), got {len(lambdas)}")
+            raise UserError(f"expected {self.num_factors} factors (one per rotary pair), got {len(lambdas)}")
         out, running = [], self.low
         for lam in lambdas:
             value = min(self.high, max(self.low, round(float(lam) * GRID)))
@@ -123,7 +124,7 @@ def seed_candidates(space: SearchSpace, pretrain_length: int, base: float) -> li
 def rescale_candidate(c: Candidate, old_scale: float, space: SearchSpace) -> Candidate:
     """Progressive extension: a result found at scale s0 seeds a search at s1 with λ_i·s1/s0 (snapped, clipped)."""
     if old_scale <= 0:
-        raise ValueError(f"the previous result's scale must be positive, got {old_scale}")
+        raise UserError(f"the previous result's scale must be positive, got {old_scale}")
     ratio = space.scale / old_scale
     return space.snap([lam * ratio for lam in c.lambdas], c.n_hat)
 

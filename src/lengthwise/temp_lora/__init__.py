@@ -1,4 +1,4 @@
-"""Temp-LoRA (seed 003, arXiv 2401.11504): store the context in a temporary LoRA trained at inference time.
+"""Temp-LoRA (Wang et al. 2024, arXiv 2401.11504): store the context in a temporary LoRA trained at inference time.
 
     from lengthwise.temp_lora import TempLoraConfig, TempLoraSession
     with TempLoraSession(model, TempLoraConfig(chunk_size=64, window=256, lr=2e-3)) as session:

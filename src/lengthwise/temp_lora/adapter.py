@@ -15,6 +15,7 @@ from torch import nn
 
 from lengthwise.patching import Undo
 from lengthwise.temp_lora.config import TempLoraConfig
+from lengthwise.errors import UserError
 
 ADAPTER_NAME = "temp_lora"
 
@@ -42,7 +43,7 @@ def check_targets(model: nn.Module, targets: str | tuple[str, ...]) -> list[str]
     names = matching_linear_names(model, targets)
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-        raise ValueError(
+        raise UserError(
             f"temp-lora target_modules {targets!r} match no linear layer of this {type(model).__name__}; "
             f"its linear layers are named: {', '.join(linear) or '(none)'}; accepted: 'all-linear' or some of those"
         )
@@ -60,7 +61,7 @@ def attach_lora(model: nn.Module, config: TempLoraConfig) -> tuple[Undo, list[nn
     originals = {name: model.get_submodule(name) for name in names}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                             target_modules=names)  # exact names: what we checked is what gets adapted
+                             target_modules=names)  # exact names: what was checked is what gets adapted
     undo = Undo()
 
     def restore() -> None:

@@ -1,10 +1,11 @@
-"""The typed configuration of a Temp-LoRA session (seed 003, arXiv 2401.11504)."""
+"""The typed configuration of a Temp-LoRA session (Wang et al. 2024, arXiv 2401.11504)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from lengthwise.registry import option
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -32,37 +33,37 @@ class TempLoraConfig:
         for name in ("chunk_size", "window", "rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"temp-lora {name} must be a positive integer, got {value!r}")
+                raise UserError(f"temp-lora {name} must be a positive integer, got {value!r}")
         if self.chunk_size > self.window:
-            raise ValueError(
+            raise UserError(
                 f"temp-lora chunk_size ({self.chunk_size}) must not exceed window ({self.window}): a chunk is "
                 "scored and trained inside one window; accepted: 1 <= chunk_size <= window"
             )
         room = self.window - self.chunk_size
         if self.keep is not None and (not isinstance(self.keep, int) or not 0 <= self.keep <= room):
-            raise ValueError(
+            raise UserError(
                 f"temp-lora keep must be an integer in [0, window - chunk_size] = [0, {room}] "
                 f"(room must remain for a chunk after an overflow), got {self.keep!r}"
             )
         if not isinstance(self.steps_per_chunk, int) or self.steps_per_chunk < 0:
-            raise ValueError(f"temp-lora steps_per_chunk must be an integer >= 0, got {self.steps_per_chunk!r}")
+            raise UserError(f"temp-lora steps_per_chunk must be an integer >= 0, got {self.steps_per_chunk!r}")
         if not self.lr > 0:
-            raise ValueError(f"temp-lora lr must be > 0, got {self.lr!r}")
+            raise UserError(f"temp-lora lr must be > 0, got {self.lr!r}")
         if not self.alpha > 0:
-            raise ValueError(f"temp-lora alpha must be > 0, got {self.alpha!r}")
+            raise UserError(f"temp-lora alpha must be > 0, got {self.alpha!r}")
         if self.weight_decay < 0:
-            raise ValueError(f"temp-lora weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise UserError(f"temp-lora weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"temp-lora max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+            raise UserError(f"temp-lora max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         targets = self.target_modules
         if isinstance(targets, list):
             object.__setattr__(self, "target_modules", tuple(targets))
             targets = self.target_modules
         if isinstance(targets, str):
             if targets != "all-linear" and not targets:
-                raise ValueError("temp-lora target_modules must be 'all-linear' or module-name suffixes, got ''")
+                raise UserError("temp-lora target_modules must be 'all-linear' or module-name suffixes, got ''")
         elif not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(
+            raise UserError(
                 f"temp-lora target_modules must be 'all-linear' or a non-empty tuple of module-name suffixes, "
                 f"got {targets!r}"
             )

@@ -17,13 +17,14 @@ from lengthwise.progress import progress_bar
 from lengthwise.temp_lora.buckets import DEFAULT_EDGES, bucket_nll, bucket_start
 from lengthwise.temp_lora.config import TempLoraConfig
 from lengthwise.temp_lora.session import TempLoraSession
+from lengthwise.errors import UserError
 
 
 def select_documents(documents, tokenizer, max_docs: int, max_tokens: int | None, min_tokens: int = 2,
                      longest: bool = True) -> list[tuple[str, list[int]]]:
     """Tokenize, keep documents with >= min_tokens tokens, longest first (or corpus order), cap at max_tokens."""
     if max_docs < 1:
-        raise ValueError(f"max_docs must be >= 1, got {max_docs}")
+        raise UserError(f"max_docs must be >= 1, got {max_docs}")
     order = sorted(documents, key=lambda d: -len(d.text)) if longest else list(documents)
     kept = []
     for doc in order:
@@ -34,7 +35,7 @@ def select_documents(documents, tokenizer, max_docs: int, max_tokens: int | None
         if len(kept) >= max_docs:
             break
     if not kept:
-        raise ValueError(f"no document has at least {max(2, min_tokens)} tokens; lower --min-tokens or pick other data")
+        raise UserError(f"no document has at least {max(2, min_tokens)} tokens; lower --min-tokens or pick other data")
     return kept
 
 

@@ -29,6 +29,7 @@ from lengthwise.temp_lora.adapter import attach_lora, check_targets, save_adapte
 from lengthwise.temp_lora.config import TempLoraConfig
 from lengthwise.temp_lora.cost import CostMeter, causal_pairs, model_cost
 from lengthwise.models.compat import cache_kwargs
+from lengthwise.errors import UserError
 
 
 class TempLoraSession:
@@ -176,7 +177,7 @@ class TempLoraSession:
         self._check_open()
         ids = torch.as_tensor(input_ids).reshape(-1).tolist()
         if not ids:
-            raise ValueError("Temp-LoRA input is empty: give at least one token")
+            raise UserError("Temp-LoRA input is empty: give at least one token")
         first = not self.ids
         self.ids.extend(ids)
         pieces = []
@@ -202,9 +203,9 @@ class TempLoraSession:
         """
         self._check_open()
         if not self.ids:
-            raise ValueError("nothing to continue: call process(prompt_ids) first (the prompt must not be empty)")
+            raise UserError("nothing to continue: call process(prompt_ids) first (the prompt must not be empty)")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         new: list[int] = []
         since_update = 0
         for _ in range(max_new_tokens):

@@ -24,6 +24,7 @@ import torch
 from lengthwise.data.corpus import load_corpus
 from lengthwise.data.passkey import make_passkey_prompt, random_key
 from lengthwise.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
+from lengthwise.errors import UserError
 
 
 @dataclass
@@ -102,7 +103,7 @@ def build_model(cfg: TrainConfig):
         # lengthwise convention: max_position_embeddings is the training length (methods read L_pretrain there).
         config.max_position_embeddings = cfg.context
         return BloomForCausalLM(config)
-    raise ValueError(f"unknown arch {cfg.arch!r}; accepted: 'llama', 'bloom'")
+    raise UserError(f"unknown arch {cfg.arch!r}; accepted: 'llama', 'bloom'")
 
 
 class BatchSampler:
@@ -174,7 +175,7 @@ def load_resume_state(path: Path) -> dict:
     holding anything else is refused in one line (ValueError), never unpickled."""
     state = load_torch_file(path, "training state", f"delete {path} to train from the start")
     if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
-        raise ValueError(f"training state {path} is not a reference-training state (model, optimizer, step); "
+        raise UserError(f"training state {path} is not a reference-training state (model, optimizer, step); "
                          f"delete {path} to train from the start")
     return state
 

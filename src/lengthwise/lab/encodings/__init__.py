@@ -14,6 +14,7 @@ from lengthwise.lab.encodings.sandwich import Sandwich, SandwichConfig
 from lengthwise.lab.encodings.sinusoidal import Sinusoidal, SinusoidalConfig
 from lengthwise.lab.encodings.t5_bias import T5Bias, T5BiasConfig
 from lengthwise.lab.encodings.xpos import XPos, XPosConfig
+from lengthwise.errors import UserError
 
 ENCODINGS: dict[str, tuple[type, type]] = {
     "sinusoidal": (Sinusoidal, SinusoidalConfig),
@@ -32,13 +33,13 @@ ENCODINGS: dict[str, tuple[type, type]] = {
 def encoding_config(name: str, options: dict | None = None):
     """The validated config dataclass of encoding `name` from a dict of options."""
     if name not in ENCODINGS:
-        raise ValueError(f"unknown position encoding {name!r}; accepted: {', '.join(ENCODINGS)}")
+        raise UserError(f"unknown position encoding {name!r}; accepted: {', '.join(ENCODINGS)}")
     cls = ENCODINGS[name][1]
     options = dict(options or {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"{name} has no option {', '.join(unknown)}; accepted: {', '.join(sorted(known)) or 'none'}")
+        raise UserError(f"{name} has no option {', '.join(unknown)}; accepted: {', '.join(sorted(known)) or 'none'}")
     return cls(**options)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lengthwise.lab.encodings.base import PositionEncoding, distance
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class KerpleConfig:
         for name in ("init_r1", "init_r2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"kerple {name} must be a positive number, got {value!r}")
+                raise UserError(f"kerple {name} must be a positive number, got {value!r}")
 
 
 class _Kerple(PositionEncoding):

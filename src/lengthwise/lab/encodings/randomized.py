@@ -12,6 +12,7 @@ import torch
 from lengthwise.lab.encodings.base import PositionEncoding
 from lengthwise.lab.encodings.rope import apply_rotary, rope_angles
 from lengthwise.lab.encodings.sinusoidal import SinusoidalConfig, sinusoid_table
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,9 @@ class RandomizedConfig:
 
     def __post_init__(self) -> None:
         if self.underlying not in ("rope", "sinusoidal"):
-            raise ValueError(f"randomized underlying must be 'rope' or 'sinusoidal', got {self.underlying!r}")
+            raise UserError(f"randomized underlying must be 'rope' or 'sinusoidal', got {self.underlying!r}")
         if not isinstance(self.max_factor, int) or self.max_factor < 1:
-            raise ValueError(f"randomized max_factor must be an integer >= 1, got {self.max_factor!r}")
+            raise UserError(f"randomized max_factor must be an integer >= 1, got {self.max_factor!r}")
 
 
 class Randomized(PositionEncoding):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lengthwise.lab.encodings.base import PositionEncoding
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class RoPEConfig:
 
     def __post_init__(self) -> None:
         if not self.base > 1:
-            raise ValueError(f"rope base must be > 1, got {self.base!r}")
+            raise UserError(f"rope base must be > 1, got {self.base!r}")
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,7 @@ class RoPE(PositionEncoding):
     def __init__(self, heads, head_dim, d_model, train_length, config: RoPEConfig = RoPEConfig()):
         super().__init__(heads, head_dim, d_model, train_length)
         if head_dim % 2:
-            raise ValueError(f"rope needs an even head dimension, got {head_dim}")
+            raise UserError(f"rope needs an even head dimension, got {head_dim}")
         self.config = config
 
     def rotate(self, x, positions, is_query):

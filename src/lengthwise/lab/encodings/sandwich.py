@@ -1,6 +1,6 @@
 """Sandwich (Chi et al. 2023, "Dissecting Transformer Length Extrapolation via the Lens of Receptive Field
 Analysis"): the inner product of two sinusoidal embeddings, p_m . p_n = sum_i cos((m - n) base^(-2i/d')), used as
-a parameter-free logit bias, one compression per head as in ALiBi.  We subtract d'/2 (its value at distance 0) so
+a parameter-free logit bias, one compression per head as in ALiBi.  d'/2 (its value at distance 0) is subtracted so
 the bias is 0 on the diagonal and negative elsewhere; a per-row constant does not change softmax."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from lengthwise.lab.encodings.base import PositionEncoding, alibi_slopes, distance
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,9 @@ class SandwichConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or self.dim < 2 or self.dim % 2:
-            raise ValueError(f"sandwich dim must be an even integer >= 2, got {self.dim!r}")
+            raise UserError(f"sandwich dim must be an even integer >= 2, got {self.dim!r}")
         if not self.base > 1:
-            raise ValueError(f"sandwich base must be > 1, got {self.base!r}")
+            raise UserError(f"sandwich base must be > 1, got {self.base!r}")
 
 
 class Sandwich(PositionEncoding):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lengthwise.lab.encodings.base import PositionEncoding, distance
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,9 @@ class T5BiasConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_buckets, int) or self.num_buckets < 4:
-            raise ValueError(f"t5-bias num_buckets must be an integer >= 4, got {self.num_buckets!r}")
+            raise UserError(f"t5-bias num_buckets must be an integer >= 4, got {self.num_buckets!r}")
         if not isinstance(self.max_distance, int) or self.max_distance <= self.num_buckets // 2:
-            raise ValueError(
+            raise UserError(
                 f"t5-bias max_distance must be an integer > num_buckets/2 ({self.num_buckets // 2}), "
                 f"got {self.max_distance!r}"
             )

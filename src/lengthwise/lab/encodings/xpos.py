@@ -11,6 +11,7 @@ import torch
 
 from lengthwise.lab.encodings.base import PositionEncoding
 from lengthwise.lab.encodings.rope import apply_rotary, rope_angles
+from lengthwise.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,11 @@ class XPosConfig:
 
     def __post_init__(self) -> None:
         if not self.base > 1:
-            raise ValueError(f"xpos base must be > 1, got {self.base!r}")
+            raise UserError(f"xpos base must be > 1, got {self.base!r}")
         if not self.gamma > 0:
-            raise ValueError(f"xpos gamma must be > 0, got {self.gamma!r}")
+            raise UserError(f"xpos gamma must be > 0, got {self.gamma!r}")
         if not self.scale_base > 0:
-            raise ValueError(f"xpos scale_base must be > 0, got {self.scale_base!r}")
+            raise UserError(f"xpos scale_base must be > 0, got {self.scale_base!r}")
 
 
 class XPos(PositionEncoding):
@@ -34,7 +35,7 @@ class XPos(PositionEncoding):
     def __init__(self, heads, head_dim, d_model, train_length, config: XPosConfig = XPosConfig()):
         super().__init__(heads, head_dim, d_model, train_length)
         if head_dim % 2:
-            raise ValueError(f"xpos needs an even head dimension, got {head_dim}")
+            raise UserError(f"xpos needs an even head dimension, got {head_dim}")
         self.config = config
         zeta = (torch.arange(0, head_dim, 2).float() / head_dim + config.gamma) / (1 + config.gamma)  # (Dh/2,)
         self.register_buffer("zeta", torch.cat([zeta, zeta]), persistent=False)  # (Dh,)

@@ -240,3 +240,22 @@ def test_mask_mod_is_the_rule_the_reference_uses(pattern):
     assert bool(by_index[69, 0]) == (pattern.n_global > 0 or pattern.n_local >= 70)
     if pattern.n_local < 70:
         assert bool(by_index[69, 70 - pattern.n_local]) and not bool(by_index[69, 69 - pattern.n_local])
+
+
+@pytest.mark.parametrize("spec", ["lm-infinite:n_global=2,n_local=8", "streaming:n_sink=2,window=8"])
+def test_a_caller_supplied_unbounded_cache_is_refused_even_empty(spec):
+    """An empty DynamicCache passed to forward() would keep every key of every call: refused in one line; the
+    method's own cache and no cache run."""
+    from transformers import DynamicCache
+
+    from lengthwise.models.compat import PatchNotInForce
+
+    model = tiny_model("llama")
+    handle = api.patch(model, spec)
+    ids = random_ids(24)
+    with pytest.raises(PatchNotInForce, match="forward\\(\\) got a DynamicCache.*handle.new_cache") as refused:
+        model(ids, **cache_kwargs(model, DynamicCache()), use_cache=True)
+    assert "\n" not in str(refused.value)
+    model(ids, **cache_kwargs(model, handle.new_cache()), use_cache=True)
+    handle.remove()
+    model(ids, **cache_kwargs(model, DynamicCache()), use_cache=True)  # unpatched: transformers' own behaviour

@@ -205,3 +205,13 @@ def use_cache_in_generate(model, cache_factory, undo, owner: tuple[str, str]) ->
 
     generate.__doc__ = original.__doc__
     undo.shadow(model, "generate", generate)
+
+    def refuse_foreign_cache(module, args, kwargs):
+        """A cache the caller passes to forward() must be the method's own: an empty DynamicCache would otherwise
+        keep every key of every call, without a word."""
+        cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+        if cache is not None and not isinstance(cache, LambdaCache):
+            raise PatchNotInForce(*owner, f"forward() got a {type(cache).__name__}, which keeps every key: only the "
+                                  f"method's own cache keeps its bound", "pass `handle.new_cache()`, or no cache")
+
+    undo.add(model.register_forward_pre_hook(refuse_foreign_cache, with_kwargs=True).remove)

@@ -45,7 +45,8 @@ def resolve(config: StreamingConfig, pretrain_length: int) -> LambdaPattern:
     StreamingConfig,
     role="attention",
     summary="StreamingLLM baseline: n_sink attention sinks + a rolling window, positions re-indexed inside the "
-    "cache (the cache never exceeds n_sink + window tokens).",
+    "cache (between steps it keeps n_sink + window tokens; its buffer holds at most n_sink + window + "
+    "window//8 spare slots + the chunk being fed).",
     paper="arXiv 2309.17453",
     encodings=("rope", "alibi"),
     composable_with=("rope", "query-scale"),

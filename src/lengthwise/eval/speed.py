@@ -143,9 +143,12 @@ def cache_bytes(cache) -> int | None:
 
 @torch.no_grad()
 def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_length: int,
-             chunk_size: int | None = None) -> dict:
+             chunk_size: int | None = None, decode: str = "eager") -> dict:
     """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes. `chunk_size`:
-    prefill that many tokens per forward call through the cache (None: one call), as long prompts are fed."""
+    prefill that many tokens per forward call through the cache (None: one call), as long prompts are fed.
+    decode: "eager" (the model's forward on the method's cache), "static" or "compiled" (lm-infinite on a Llama
+    model: `lengthwise.static_decode`; two untimed steps first, the first of them compiles and is checked against
+    the eager step; the mode that ran is returned as `decode_mode`)."""
     device = ids.device
     if is_scoring(spec):
         window = resolve_sliding_window(spec, pretrain_length).window
@@ -159,7 +162,7 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
             context = torch.cat([context, logits.argmax(-1, keepdim=True)], dim=1)
             seconds, logits = _timed(lambda c=context: rescore_window(c), device)
             times.append(seconds)
-        return {"prefill_s": prefill, "decode_s": times, "cache_bytes": 0}
+        return {"prefill_s": prefill, "decode_s": times, "cache_bytes": 0, "decode_mode": "eager"}
     with patch(model, spec) as handle:
         cache = handle.new_cache()
         if cache is None:
@@ -177,12 +180,24 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
             return out
 
         prefill, logits = _timed(prefill_chunks, device)
+        extra, advance = {"decode_mode": "eager"}, step
+        if decode != "eager":
+            from lengthwise.static_decode import decoder_for  # noqa: PLC0415
+
+            decoder = decoder_for(model, cache, compile=decode == "compiled")
+            advance = decoder.step  # every later token on the static cache
+            warm = []
+            for _ in range(2):  # the first compiles (when asked) and runs the eager check
+                seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): advance(t), device)
+                warm.append(round(seconds, 4))
+            extra = {"decode_mode": decoder.mode, "warmup_steps_s": warm, "check_gap": decoder.check_gap}
         times = []
         for _ in range(decode_steps):
-            seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): step(t), device)
+            seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): advance(t), device)
             times.append(seconds)
-        held = cache_bytes(cache)  # after decoding: bounded caches trim lazily, on the next update
-    return {"prefill_s": prefill, "decode_s": times, "cache_bytes": held}
+        # after decoding: bounded caches trim lazily, on the next update
+        held = cache_bytes(cache) if decode == "eager" else decoder.stored_bytes()
+    return {"prefill_s": prefill, "decode_s": times, "cache_bytes": held, **extra}
 
 
 def bench(
@@ -195,11 +210,13 @@ def bench(
     results: ResultsFile | None = None,
     model_name: str = "model",
     progress: bool = True,
+    decode: str = "eager",
 ) -> list[dict]:
     """Prefill latency, per-token decode latency and peak memory for every (method, length) cell, one run each.
 
     Every method is first run once on a short prompt (warm-up: allocator, kernel choice, patch set-up). `{s}` in a
-    spec becomes length / L_pretrain. Cells already in `results` are skipped.
+    spec becomes length / L_pretrain. Cells already in `results` are skipped. decode: see `run_cell` ("static" and
+    "compiled" apply to methods with a bounded Λ cache; the others decode eagerly, and each record says which).
     """
     check_specs(methods)
     check_lengths(lengths, 2, "bench length")
@@ -217,8 +234,10 @@ def bench(
     with progress_bar(progress) as bar:
         task = bar.add_task("bench", total=len(cells))
         for method, n in cells:
+            cell_decode = decode if method.split(":")[0] == "lm-infinite" else "eager"
             key = cell_key("bench", model=model_name, method=method, length=n, decode_steps=decode_steps,
-                           device=str(device), dtype=str(param.dtype), seed=seed)
+                           device=str(device), dtype=str(param.dtype), seed=seed,
+                           **({} if cell_decode == "eager" else {"decode": cell_decode}))
             done = results.done(key)
             if done:
                 records.append(done)
@@ -231,7 +250,7 @@ def bench(
                          1, info.pretrain_length)
                 warmed.add(method)
             with PeakMemory(device) as peak:
-                out = run_cell(model, prompt[:, :n], spec, decode_steps, info.pretrain_length)
+                out = run_cell(model, prompt[:, :n], spec, decode_steps, info.pretrain_length, decode=cell_decode)
             estimate = estimate_memory(model, n, spec, logits=1)
             metrics = {
                 "prefill_s": round(out["prefill_s"], 5),
@@ -247,6 +266,9 @@ def bench(
             record = make_record("bench", key, model=model_name, method=method, method_config=describe,
                                  data="random-ids", seed=seed, metrics=metrics, length=n, method_resolved=spec,
                                  decode_steps=decode_steps, decode_s=[round(t, 6) for t in out["decode_s"]],
+                                 decode=cell_decode, decode_mode=out["decode_mode"],
+                                 decode_warmup_s=out.get("warmup_steps_s"),
+                                 decode_check_gap=out.get("check_gap"),
                                  device=str(device), dtype=str(param.dtype), memory_source=peak.source,
                                  attn_implementation=getattr(model.config, "_attn_implementation", None),
                                  pretrain_length=info.pretrain_length, torch_threads=torch.get_num_threads())

@@ -92,8 +92,9 @@ def longrope_plan(config: LongRopeConfig, g: RopeGeometry) -> FrequencyPlan:
     if short is None:
         return FrequencyPlan(_original(g), lambda seq_len: (long_freq, factor), n_hat=config.n_hat)
     short_freq = scaling.longrope_geometry_inv_freq(g, short)
+    short_factor = config.short_attention(g.pretrain_length)
 
     def switched(seq_len: int) -> tuple[torch.Tensor, float]:
-        return (long_freq if seq_len > g.pretrain_length else short_freq), factor
+        return (long_freq, factor) if seq_len > g.pretrain_length else (short_freq, short_factor)
 
     return FrequencyPlan(_original(g), switched, lambda seq_len: seq_len > g.pretrain_length, config.n_hat, True)

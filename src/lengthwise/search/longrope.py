@@ -38,6 +38,7 @@ from lengthwise.search.space import (
     rescale_candidate,
     seed_candidates,
 )
+from lengthwise.errors import UserError
 
 
 @dataclass
@@ -121,13 +122,13 @@ def _check_inputs(model, target_length: int | None, scale: float | None) -> tupl
     require_encoding(model, "longrope-search", ("rope",))
     pretrain = model_info(model).pretrain_length
     if (target_length is None) == (scale is None):
-        raise ValueError("give exactly one of target_length (tokens) or scale (s = target_length / training length)")
+        raise UserError("give exactly one of target_length (tokens) or scale (s = target_length / training length)")
     if scale is not None:
         if not isinstance(scale, (int, float)) or scale < 1:
-            raise ValueError(f"scale s must be >= 1 (the search extends the {pretrain}-token training length), got {scale!r}")
+            raise UserError(f"scale s must be >= 1 (the search extends the {pretrain}-token training length), got {scale!r}")
         target_length = round(pretrain * scale)
     if not isinstance(target_length, int) or target_length < pretrain:
-        raise ValueError(
+        raise UserError(
             f"target_length must be an integer >= the training length {pretrain} (s >= 1), got {target_length!r}"
         )
     return pretrain, target_length, target_length / pretrain
@@ -138,7 +139,7 @@ def _tokenize(documents, tokenizer, length: int, max_docs: int, what: str) -> tu
 
     tok = documents_of_length(documents, tokenizer, length, max_docs)
     if not tok.docs:
-        raise ValueError(
+        raise UserError(
             f"no document has {length} tokens for the {what} search ({tok.skipped} shorter ones skipped); "
             "give longer documents or a smaller target length"
         )
@@ -215,7 +216,7 @@ def load_previous(path_or_obj: Any) -> tuple[Candidate, float]:
     """A previous search's factors.json (or dict) -> (long candidate, its scale), for progressive extension."""
     obj = json.loads(Path(path_or_obj).read_text()) if isinstance(path_or_obj, (str, Path)) else path_or_obj
     if "long_factors" not in obj or "factor" not in obj:
-        raise ValueError("a previous result needs 'long_factors' and 'factor' (a factors.json written by the search)")
+        raise UserError("a previous result needs 'long_factors' and 'factor' (a factors.json written by the search)")
     return Candidate(tuple(round(float(x) * GRID) for x in obj["long_factors"]), int(obj.get("n_hat", 0))), float(obj["factor"])
 
 
@@ -235,6 +236,8 @@ def longrope(
     short_max_factor: float | None = None,
     short_evolution: EvolutionConfig | None = None,
     previous: Any = None,
+    extra_seeds: Sequence[tuple[str, Sequence[float], int]] = (),
+    standard_seeds: bool = True,
     out_dir: str | Path | None = None,
     ray_address: str | None = None,
     workers: int = 2,
@@ -252,6 +255,9 @@ def longrope(
     `short_length`: also search short factors at that length (<= training length), ceiling `short_max_factor`
     (default 1.25 x short_length/L, at least 1). `previous`: a factors.json (or dict) of an earlier search at a
     smaller scale: its factors, rescaled to this scale, join the seeds (progressive extension).
+    `extra_seeds`: (name, λ list, n_hat) start points, snapped onto this search's grid, placed first;
+    `standard_seeds` False leaves out the PI / NTK / YaRN seeds, so generation 0 is the extra seeds (and
+    `previous`) and mutants of them only (`lengthwise.search.progressive.extend`).
     `ray_address`: run the fitness evaluations on Ray ("local" starts one here), `workers` actors, each with its
     own model copy; `model_name` (a name/path `load_model` can read) lets workers load the model themselves
     instead of receiving a pickled copy. `threads`: torch threads per evaluation (equal threads => results
@@ -266,22 +272,26 @@ def longrope(
     if ray_address and not ray_available():
         raise ImportError("--ray-address needs Ray: pip install 'lengthwise[ray]'; without it the serial search works")
     if short_length is not None and not (2 <= short_length <= pretrain):
-        raise ValueError(
+        raise UserError(
             f"short_length must be between 2 and the training length {pretrain} (the short factors apply to inputs "
             f"that fit it), got {short_length}"
         )
     # Validate everything cheap before tokenizing or running anything.
     choices = tuple(sorted({n for n in n_hat_choices if 0 <= n < target_length}))
     if not choices:
-        raise ValueError(f"no n_hat choice below the target length {target_length}: {list(n_hat_choices)}")
+        raise UserError(f"no n_hat choice below the target length {target_length}: {list(n_hat_choices)}")
     high = None if max_factor is None else round(max_factor * GRID)
     space = SearchSpace(num_factors, s, high=high, n_hat_choices=choices)
-    seeds = list(zip(("pi", "ntk", "yarn"), seed_candidates(space, pretrain, layout.base)))
+    seeds = list(zip(("pi", "ntk", "yarn"), seed_candidates(space, pretrain, layout.base))) if standard_seeds else []
+    for name, lambdas, seed_n_hat in reversed(list(extra_seeds)):
+        seeds.insert(0, (name, space.snap(list(lambdas), seed_n_hat)))
     if previous is not None:
         prev, prev_scale = load_previous(previous)
         if len(prev.factors) != num_factors:
-            raise ValueError(f"previous result has {len(prev.factors)} factors; this model needs {num_factors}")
+            raise UserError(f"previous result has {len(prev.factors)} factors; this model needs {num_factors}")
         seeds.insert(0, ("previous", rescale_candidate(prev, prev_scale, space)))
+    if not seeds:
+        raise UserError("no seed to start from: give extra_seeds or previous, or keep the standard seeds")
     attn = attention_factor(s, pretrain) if attention is None else float(attention)
 
     names, docs = _tokenize(documents, tokenizer, target_length, max_docs, "long")

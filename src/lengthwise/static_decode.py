@@ -1,0 +1,288 @@
+"""Decoding with a static Λ cache: fixed shapes, written in place, positions as tensors, compilable with torch.compile.
+
+The bounded cache of `lengthwise.attention.cache` serves every model and every call shape; its buffers change
+length while it fills and compacts, and each step checks positions on the host. Decoding one token at a time needs
+less: each layer holds exactly `n_global + n_local` slots. The key at position p goes to slot p while p < n_global
+(a global key, kept for good), else to slot n_global + (p - n_global) mod n_local, where it replaces the key at
+position p - n_local, the one that has just left the local window. One positions tensor (S,) says which position
+each slot holds (-1: empty); visibility and the distance limit follow from it by the same rule as
+`lengthwise.attention.pattern.lambda_rule`. Nothing in a step depends on how many tokens came before: its shapes,
+its work and its host-side bookkeeping are constant in the context length.
+
+`StaticDecoder(model, cache)` takes a model patched with `lm-infinite` and the `LambdaCache` of its prefill, copies
+the keys a next query can see into the static buffers, and then decodes with a forward written out for the Llama
+architecture (the decoder layers' own modules: norms, projections, rotary embedding, MLP). Other architectures, a
+batch of more than one row, the middle-retrieval options, a layer's own sliding window and StreamingLLM's
+re-indexed positions are refused by name. Never silently wrong: before the first token is returned, the step's
+logits are compared with the eager transformers step on the same cache (`check=True`), and a disagreement raises.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+
+import torch
+
+from lengthwise.attention.cache import LambdaCache
+from lengthwise.attention.pattern import LambdaPattern, RopeEncoding
+from lengthwise.errors import UserError
+from lengthwise.models.compat import cache_kwargs
+
+# The classes whose forward `StaticDecoder._step` writes out; any other is refused (its forward may differ).
+LLAMA_CLASSES = {"model": "LlamaModel", "layer": "LlamaDecoderLayer", "attention": "LlamaAttention",
+                 "mlp": "LlamaMLP", "norm": "LlamaRMSNorm"}
+
+
+class StaticDecodeUnsupported(UserError):
+    """The model, the patch or the cache is outside what the static decoding step computes exactly."""
+
+
+class StaticDecodeMismatch(RuntimeError):
+    """The static step's logits differ from the eager step's: a defect, or a model feature it does not see."""
+
+
+def _check_model(model) -> None:
+    inner = getattr(model, "model", None)
+    found = type(inner).__name__
+    if found != LLAMA_CLASSES["model"] or not hasattr(model, "lm_head"):
+        raise StaticDecodeUnsupported(f"static decoding is written for the Llama architecture (LlamaForCausalLM: "
+                                      f"SmolLM2, Llama 2/3, the bundled llama-rope-256); this model is "
+                                      f"{type(model).__name__} ({found}): decode on the eager path")
+    for layer in inner.layers:
+        for part, module in (("layer", layer), ("attention", layer.self_attn), ("mlp", layer.mlp),
+                             ("norm", layer.input_layernorm), ("norm", layer.post_attention_layernorm)):
+            if type(module).__name__ != LLAMA_CLASSES[part]:
+                raise StaticDecodeUnsupported(f"layer {layer.self_attn.layer_idx}: {type(module).__name__} where "
+                                              f"static decoding expects {LLAMA_CLASSES[part]}")
+
+
+def _layer_state(attention):
+    state = attention.__dict__.get("_lengthwise_lambda")
+    if state is None:
+        raise StaticDecodeUnsupported("the model is not patched with lm-infinite (no Λ state on its attention "
+                                      "layers): patch it first")
+    pattern: LambdaPattern = state.pattern
+    refusals = [(state.method != "lm-infinite", f"method {state.method!r} (only lm-infinite)"),
+                (pattern.key_anchor != "zero", "re-indexed positions (key_anchor 'self')"),
+                (pattern.middle is not None, "attention to middle keys (top_k / top_blocks)"),
+                (pattern.window is not None, f"the layer's own sliding window ({pattern.window})")]
+    reasons = [why for refused, why in refusals if refused]
+    if reasons:
+        raise StaticDecodeUnsupported(f"static decoding does not compute {', '.join(reasons)}: decode on the eager "
+                                      f"path")
+    encoding = state.encoding_fn()
+    if encoding is not None and not isinstance(encoding, RopeEncoding):
+        raise StaticDecodeUnsupported(f"static decoding applies RoPE or no position encoding, not "
+                                      f"{type(encoding).__name__}")
+    return pattern, encoding
+
+
+def slot_of(position: torch.Tensor, n_global: int, n_local: int) -> torch.Tensor:
+    """Slot of the key at `position` (any shape, long): itself below n_global, else a ring of n_local slots."""
+    ring = n_global + torch.remainder(position - n_global, n_local)
+    return torch.where(position < n_global, position, ring)
+
+
+def static_lambda_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor,
+                            position: torch.Tensor, pattern: LambdaPattern, encoding: RopeEncoding | None,
+                            scale: float) -> torch.Tensor:
+    """Λ attention of one query: q (1, H, 1, D), keys / values (1, Hk, S, D) with S = n_global + n_local slots,
+    slot_pos (S,) long (-1: empty), position () long -> (1, H, 1, D). The same rule and the same distance limit as
+    `lambda_attention_blocked` (global keys beyond the limit scored at distance `limit`, by moving the query to
+    `limit` and the key to 0); slots in any order (a softmax does not care)."""
+    _, heads, _, dim = q.shape
+    kv_heads, n_global = keys.shape[1], pattern.n_global
+    grouped = q.reshape(1, kv_heads, heads // kv_heads, dim)  # query heads beside their kv head: no key copied
+    scores = (grouped @ keys.transpose(-1, -2)).float() * scale  # (1, Hk, H/Hk, S)
+    d = position - slot_pos
+    filled = slot_pos >= 0
+    is_global = filled & (slot_pos < n_global)
+    local = filled & (d >= 0) & (d < pattern.n_local)
+    visible = local | (is_global & (d >= 0))
+    if pattern.limit is not None and encoding is not None and n_global:
+        limited = (is_global & ~local & (d > pattern.limit))[:n_global]
+        q_lim = encoding.move(q, (pattern.limit - position).reshape(1, 1))
+        k_anchor = encoding.move(keys[:, :, :n_global], -slot_pos[:n_global].clamp(min=0)[None])
+        capped = (q_lim.reshape(grouped.shape) @ k_anchor.transpose(-1, -2)).float() * scale  # (1, Hk, H/Hk, G)
+        scores = torch.cat([torch.where(limited, capped, scores[..., :n_global]), scores[..., n_global:]], dim=-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # the query always sees its own key: no empty row
+    return (probs.to(values.dtype) @ values).reshape(1, heads, 1, values.shape[-1])
+
+
+class StaticDecoder:
+    """Greedy-ready decoding steps of a Llama model patched with lm-infinite, on a static Λ cache.
+
+    decoder = StaticDecoder(model, cache)   # cache: the LambdaCache of the prefill (handle.new_cache())
+    logits = decoder.step(token)            # token (1, 1) long at the next position -> logits (1, V)
+
+    compile: run the step through torch.compile (fullgraph); where compilation fails, the same step runs eagerly, with
+    a warning, and `mode` says which ran ("compiled" or "static-eager"). check: the first step also runs on the eager
+    transformers path over `cache` (which that spends) and must give the same next token and logits within
+    `tolerance` (relative to the largest logit), else StaticDecodeMismatch.
+    """
+
+    def __init__(self, model, cache: LambdaCache | None = None, *, compile: bool = False, check: bool = True,
+                 tolerance: float | None = None) -> None:
+        _check_model(model)
+        self.model = model
+        self.layers = list(model.model.layers)
+        self.states = [_layer_state(layer.self_attn) for layer in self.layers]
+        patterns = {(p.n_global, p.n_local, p.limit) for p, _ in self.states}
+        if len(patterns) != 1:
+            raise StaticDecodeUnsupported(f"static decoding needs one Λ pattern for every layer, got "
+                                          f"{sorted(patterns)}")
+        self.pattern = self.states[0][0]
+        self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mode = "compiled" if compile else "static-eager"
+        self._run = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        dtype = next(model.parameters()).dtype
+        self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
+        self.check = check
+        self.check_gap: float | None = None
+        if cache is not None:
+            self.load(cache)
+
+    def key(self) -> tuple:
+        """What a later patch must match for this decoder (and its compiled step) to serve it."""
+        freqs = tuple(None if e is None else (e.style, e.offset, tuple(e.inv_freq.tolist())) for _, e in self.states)
+        return self.pattern, freqs, next(self.model.parameters()).dtype, self.mode
+
+    def load(self, cache: LambdaCache) -> StaticDecoder:
+        """Copy the keys the next query can see (global ones and the last n_local) of a prefill's cache into the
+        static buffers, in place (a compiled step stays valid); `cache` is kept for the check of the next step."""
+        if not isinstance(cache, LambdaCache):
+            raise StaticDecodeUnsupported(f"static decoding starts from the method's LambdaCache, got "
+                                          f"{type(cache).__name__}")
+        layers = cache.layers
+        if len(layers) != len(self.layers) or any(not layer.is_initialized for layer in layers):
+            raise StaticDecodeUnsupported("the cache has no prefill in it: feed the prompt through it first")
+        first = layers[0]
+        if first.keys.shape[0] != 1:
+            raise StaticDecodeUnsupported(f"static decoding runs one sequence, got a batch of {first.keys.shape[0]}")
+        n_global, n_local = self.pattern.n_global, self.pattern.n_local
+        slots, seen = n_global + n_local, first.seen
+        fresh = not self.keys
+        if fresh:
+            self.slot_pos = torch.full((slots,), -1, dtype=torch.long, device=first.keys.device)
+            self.position = torch.tensor(seen, dtype=torch.long, device=first.keys.device)
+        self.slot_pos.fill_(-1)
+        self.position.fill_(seen)
+        for index, layer in enumerate(layers):
+            if layer.seen != seen or layer.positions is None or layer.positions.shape[1] != layer.keys.shape[-2]:
+                raise StaticDecodeUnsupported(f"cache layer {index} was not filled by the patched model's prefill")
+            if not torch.equal(layer.positions, first.positions):
+                raise StaticDecodeUnsupported(f"cache layer {index} holds other positions than layer 0")
+            if layer.valid is not None and not bool(layer.valid.all()):
+                raise StaticDecodeUnsupported("static decoding runs an unpadded prompt (the cache holds padding)")
+            pos = layer.positions[0]  # (held,)
+            keep = (pos < n_global) | (pos >= seen - n_local)  # what the next query can see, or replaces
+            pos = pos[keep]
+            slot = slot_of(pos, n_global, n_local)
+            if index == 0:
+                self.slot_pos.index_copy_(0, slot, pos)
+            k, v = layer.keys[:, :, keep], layer.values[:, :, keep]  # (1, Hk, kept, D)
+            if fresh:
+                self.keys.append(k.new_zeros(1, k.shape[1], slots, k.shape[-1]))
+                self.values.append(v.new_zeros(1, v.shape[1], slots, v.shape[-1]))
+            self.keys[index].zero_().index_copy_(2, slot, k)
+            self.values[index].zero_().index_copy_(2, slot, v)
+        self.seen, self.cache, self._check = seen, cache, self.check
+        return self
+
+    def stored_bytes(self) -> int:
+        """Bytes of the static buffers (keys, values, slot positions)."""
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values, self.slot_pos])
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token (1, 1) long, position () long -> logits (1, V); writes the step's keys and values in place."""
+        inner, pattern = self.model.model, self.pattern
+        hidden = inner.embed_tokens(token)  # (1, 1, hidden)
+        cos, sin = inner.rotary_emb(hidden, position.reshape(1, 1))
+        slot = slot_of(position, pattern.n_global, pattern.n_local).reshape(1)
+        self.slot_pos.index_copy_(0, slot, position.reshape(1))
+        for layer, keys, values, (_, encoding) in zip(self.layers, self.keys, self.values, self.states):
+            attention = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            shape = (1, 1, -1, attention.head_dim)
+            q = attention.q_proj(normed).view(shape).transpose(1, 2)  # (1, H, 1, D)
+            k = attention.k_proj(normed).view(shape).transpose(1, 2)  # (1, Hk, 1, D)
+            v = attention.v_proj(normed).view(shape).transpose(1, 2)
+            q, k = self.apply_rotary(q, k, cos, sin)
+            keys.index_copy_(2, slot, k)
+            values.index_copy_(2, slot, v)
+            out = static_lambda_attention(q, keys, values, self.slot_pos, position, pattern, encoding,
+                                          attention.scaling)
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(inner.norm(hidden))[:, -1]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Decode `token` (1, 1) at the next position; returns its logits (1, V) (float of the model's dtype)."""
+        token = token.reshape(1, 1).to(self.position.device)
+        if self.mode == "compiled":
+            try:
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never eager under the label
+                    logits = self._run(token, self.position)
+            except Exception as error:  # noqa: BLE001 - no compiler, or an op inductor cannot lower
+                warnings.warn(f"torch.compile of the static decoding step failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); it runs eagerly", stacklevel=2)
+                self.mode, self._run = "static-eager", self._step  # the failed call wrote nothing
+                logits = self._run(token, self.position)
+        else:
+            logits = self._run(token, self.position)
+        if self._check:
+            self._check = False
+            self._compare(token, logits)
+        self.position += 1
+        self.seen += 1
+        return logits
+
+    def _compare(self, token: torch.Tensor, logits: torch.Tensor) -> None:
+        """The eager transformers step on the prefill cache: the same next-token logits, or raise."""
+        model = self.model
+        eager = model(input_ids=token, **cache_kwargs(model, self.cache), use_cache=True,
+                      position_ids=self.position.reshape(1, 1), logits_to_keep=1).logits[:, -1]
+        self.cache = None  # spent: it has taken this token
+        scale = float(eager.float().abs().max().clamp(min=1.0))
+        gap = float((logits.float() - eager.float()).abs().max())
+        if gap > self.tolerance * scale or int(logits.argmax()) != int(eager.argmax()):
+            raise StaticDecodeMismatch(f"static decoding ({self.mode}) disagrees with the eager path: max |logit gap| "
+                                       f"{gap:.3g} (tolerance {self.tolerance:g} x {scale:.3g}), next token "
+                                       f"{int(logits.argmax())} vs {int(eager.argmax())}; decode on the eager path")
+        self.check_gap = gap
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {decoder key: StaticDecoder}
+
+
+def decoder_for(model, cache: LambdaCache, compile: bool = False) -> StaticDecoder:
+    """A StaticDecoder loaded with `cache`: the one made before for this model and an equal patch (same pattern,
+    frequencies, dtype and mode) when there is one, so that its compiled step is compiled once."""
+    made = StaticDecoder(model, compile=compile)
+    kept = _DECODERS.setdefault(model, {})
+    return kept.setdefault(made.key(), made).load(cache)  # an equal key: the states now in force equal its own
+
+
+@torch.no_grad()
+def greedy_static(model, cache: LambdaCache, first_logits: torch.Tensor, max_new_tokens: int,
+                  eos_token_id: int | None = None, compile: bool = False) -> tuple[torch.Tensor, str]:
+    """Greedy tokens (T,) after a prefill whose last logits are `first_logits` (1, V), decoded on a static cache;
+    and the mode that ran ("compiled" or "static-eager")."""
+    if max_new_tokens < 1:
+        return first_logits.new_zeros(0, dtype=torch.long), "static-eager"
+    token = first_logits.argmax(-1, keepdim=True)  # (1, 1)
+    tokens = [token]
+    decoder = None
+    for _ in range(max_new_tokens - 1):
+        if eos_token_id is not None and int(token) == eos_token_id:
+            break
+        decoder = decoder or decoder_for(model, cache, compile=compile)
+        token = decoder.step(token).argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)[0], (decoder.mode if decoder else "static-eager")

@@ -1,0 +1,103 @@
+"""Static Λ decoding (`lengthwise.static_decode`): the same tokens as the eager path, or a refusal by name."""
+
+import pytest
+import torch
+
+from lengthwise.api import patch
+from lengthwise.generation import generate
+from lengthwise.models.compat import cache_kwargs
+from lengthwise.static_decode import StaticDecoder, StaticDecodeMismatch, StaticDecodeUnsupported, slot_of
+from lengthwise.testing import random_ids, tiny_model
+
+# A prompt past the training length (64) and past n_global + n_local: the distance limit applies to the global keys
+# and the ring of local slots wraps several times while decoding.
+SPEC = "lm-infinite:n_global=4,n_local=16"
+
+
+def _prefilled(model, ids, spec=SPEC):
+    handle = patch(model, spec)
+    cache = handle.new_cache()
+    with torch.no_grad():
+        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    return handle, cache, logits
+
+
+def test_slots_keep_globals_and_a_ring_of_local_keys():
+    positions = torch.arange(40)
+    slots = slot_of(positions, 4, 16)
+    assert slots[:4].tolist() == [0, 1, 2, 3] and slots[4:20].tolist() == list(range(4, 20))
+    assert slots[20].item() == 4 and slots[39].item() == 7  # position p replaces p - n_local
+
+
+def test_static_decoding_gives_the_eager_tokens():
+    model = tiny_model("llama")
+    ids = random_ids(90)
+    eager = generate(model, ids, SPEC, max_new_tokens=40)
+    static = generate(model, ids, SPEC, max_new_tokens=40, decode="static")
+    assert static.tolist() == eager.tolist()
+
+
+def test_static_step_logits_match_the_eager_step_at_every_token():
+    model = tiny_model("llama")
+    ids = random_ids(70)
+    handle, cache, logits = _prefilled(model, ids)
+    try:
+        decoder = StaticDecoder(model, cache, check=False)
+        eager_cache = handle.new_cache()  # the same prompt again, for the eager steps
+        with torch.no_grad():
+            model(input_ids=ids, **cache_kwargs(model, eager_cache), use_cache=True, logits_to_keep=1)
+        token = logits.argmax(-1, keepdim=True)
+        for step in range(30):
+            static = decoder.step(token)
+            with torch.no_grad():
+                eager = model(input_ids=token, **cache_kwargs(model, eager_cache), use_cache=True,
+                              position_ids=torch.tensor([[70 + step]]), logits_to_keep=1).logits[:, -1]
+            torch.testing.assert_close(static, eager, atol=2e-4, rtol=1e-4)
+            token = eager.argmax(-1, keepdim=True)
+    finally:
+        handle.remove()
+
+
+def test_static_decoding_refuses_what_it_does_not_compute():
+    model = tiny_model("llama")
+    with patch(model, "streaming:n_sink=4,window=16"):
+        with pytest.raises(StaticDecodeUnsupported, match="only lm-infinite"):
+            StaticDecoder(model)
+    with pytest.raises(StaticDecodeUnsupported, match="not patched"):
+        StaticDecoder(model)
+    other = tiny_model("gpt_neox")
+    with patch(other, SPEC), pytest.raises(StaticDecodeUnsupported, match="Llama architecture"):
+        StaticDecoder(other)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(model, random_ids(8), SPEC, max_new_tokens=2, decode="fast")
+
+
+def test_static_decoding_refuses_a_batch():
+    model = tiny_model("llama")
+    handle, cache, _ = _prefilled(model, random_ids(20, batch=2))
+    try:
+        with pytest.raises(StaticDecodeUnsupported, match="batch of 2"):
+            StaticDecoder(model, cache)
+    finally:
+        handle.remove()
+
+
+def test_a_disagreeing_static_step_raises():
+    model = tiny_model("llama")
+    handle, cache, logits = _prefilled(model, random_ids(70))
+    try:
+        decoder = StaticDecoder(model, cache)
+        decoder.keys[0].mul_(3.0)  # a wrong cache: the check of the first step must notice
+        with pytest.raises(StaticDecodeMismatch, match="disagrees with the eager path"):
+            decoder.step(logits.argmax(-1, keepdim=True))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens():
+    model = tiny_model("llama")
+    ids = random_ids(90)
+    eager = generate(model, ids, SPEC, max_new_tokens=40)
+    compiled = generate(model, ids, SPEC, max_new_tokens=40, decode="compiled")
+    assert compiled.tolist() == eager.tolist()

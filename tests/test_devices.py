@@ -250,7 +250,7 @@ def test_gpu_benchmark_smoke_runs_in_process_and_writes_bench_records(tmp_path, 
 @pytest.mark.slow
 def test_gpu_sh_smoke_runs_end_to_end_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path / "g.jsonl")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-2000:]
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 4 and "records:" in done.stdout
 
@@ -258,5 +258,6 @@ def test_gpu_sh_smoke_runs_end_to_end_on_the_cpu(tmp_path):
 def test_gpu_sh_without_a_gpu_says_so_in_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})  # this interpreter, not .venv's
     assert done.returncode == 2 and done.stderr.strip().startswith("error: torch sees no CUDA device")

@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/decode_paths.py --lengths 8192,32768 --threads 2
 
-Per context n: one prefill of n random tokens through the method's bounded cache (`handle.new_cache()`), then
+Per context n: one prefill of n random tokens through the method's bounded cache (`handle.new_cache()`; with
+`--fill synthetic` the cache is filled directly with random keys at the positions a prefill of n tokens leaves:
+the same decode work, without the minutes of a long prefill), then
 `--turns` rounds of `--steps` greedy-shaped steps on each path in turn: "eager" (the model's forward on the bounded
 cache), "static" (`lengthwise.static_decode`, eager) and "compiled" (the same step through torch.compile). Each path
 continues from the same prefill on its own copy of the state; alternating the paths within each round lets them see
@@ -49,13 +51,34 @@ def work_count(step) -> tuple[int, int]:
     return calls, elements
 
 
+def synthetic_fill(model, cache, n: int) -> None:
+    """Random keys and values at the positions a prefill of n tokens leaves in the bounded cache: the global ones
+    and the last n_local."""
+    state = model.model.layers[0].self_attn.__dict__["_lengthwise_lambda"]
+    n_global, n_local = state.pattern.n_global, state.pattern.n_local
+    kept = torch.cat([torch.arange(min(n_global, n)), torch.arange(max(n_global, n - n_local), n)])
+    generator = torch.Generator().manual_seed(0)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer in cache.layers:
+        k = torch.randn(1, config.num_key_value_heads, len(kept), head_dim, generator=generator)
+        layer.update(k, torch.randn(k.shape, generator=generator))
+        layer.record(kept[None], torch.ones(1, len(kept), dtype=torch.bool))
+        layer.seen = n
+
+
 @torch.no_grad()
 def measure(model, n: int, args, decoders: dict) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     with patch(model, "lm-infinite") as handle:
         cache = handle.new_cache()
         start = time.perf_counter()
-        logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+        if args.fill == "synthetic":
+            synthetic_fill(model, cache, n)
+            logits = torch.zeros(1, model.config.vocab_size)
+        else:
+            logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
         prefill = time.perf_counter() - start
         token = logits.argmax(-1, keepdim=True)
         warm = {}
@@ -68,7 +91,10 @@ def measure(model, n: int, args, decoders: dict) -> dict:
             decoder.step(token)  # checked against the eager step (which spends `cache`: refill below)
             warm[name] = round(time.perf_counter() - start, 3)
         cache = handle.new_cache()
-        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        if args.fill == "synthetic":
+            synthetic_fill(model, cache, n)
+        else:
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         position = [n]
 
         def eager_step():
@@ -86,7 +112,8 @@ def measure(model, n: int, args, decoders: dict) -> dict:
                     start = time.perf_counter()
                     step()
                     times[name].append(time.perf_counter() - start)
-    row = {"length": n, "prefill_s": round(prefill, 2), "eager_work_calls": work[0], "eager_work_elements": work[1],
+    row = {"length": n, "fill": args.fill, "prefill_s": round(prefill, 2), "eager_work_calls": work[0],
+           "eager_work_elements": work[1],
            "first_step_s": warm, "compiled_mode": decoders["compiled"].mode}
     for name, seconds in times.items():
         row[f"{name}_median_ms"] = round(1000 * statistics.median(seconds), 2)
@@ -101,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--fill", choices=("prefill", "synthetic"), default="prefill")
     parser.add_argument("--out", default=str(ROOT / "docs/results/decode_paths.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""`lengthwise longrope finetune | extend | readjust`: LongRoPE's steps after the search (docs/longrope-search.md).
+"""`lengthwise longrope finetune | extend | readjust`: LongRoPE's steps after the search (docs/longrope-pipeline.md).
 
 finetune: fine-tune at the target length with fixed factors (LoRA through peft, or --full), resumable;
 extend:   the progressive second search on a fine-tuned model, seeded from its factors;

@@ -503,7 +503,7 @@ def stage_plot(args) -> None:
     stage = summary["finetune"]
     n = stage["target_length"]
     labels = {"searched": "LongRoPE searched", "yarn": "YaRN", "pi": "PI"}
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(17, 10), layout="constrained")
     ax = axes[0, 0]
     k = 20
     for name in ("searched", "yarn", "pi"):
@@ -526,7 +526,7 @@ def stage_plot(args) -> None:
     ax.axhline(stage["vanilla"][str(n)], color="grey", ls=":", label="no scaling, not fine-tuned")
     ax.set_xticks([i + width / 2 for i in range(len(names))], [labels[x] for x in names])
     ax.set(ylabel=f"held-out PPL at {n} (PG19 dev, {len(stage['eval_docs'])} books)",
-           title=f"{stage['scale']:g}x: before / after the same fine-tuning budget")
+           title=f"{stage['scale']:g}x: held-out PPL before / after fine-tuning")
     ax.legend(fontsize=8)
     ax = axes[1, 0]
     rows = {}
@@ -538,7 +538,7 @@ def stage_plot(args) -> None:
         colors = ["tab:green" if "second search" in name else "tab:blue" if name.startswith("fine-tuned") else
                   "tab:grey" for name, _ in items]
         ax.barh(range(len(items)), [v for _, v in items], color=colors)
-        ax.set_yticks(range(len(items)), [name for name, _ in items], fontsize=7)
+        ax.set_yticks(range(len(items)), [name.replace("fine-tuned ", "ft ") for name, _ in items], fontsize=7)
         for i, (_, v) in enumerate(items):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
         ax.set(xlabel=f"held-out PPL at {prog['target_length']} (PG19 dev)",
@@ -547,18 +547,25 @@ def stage_plot(args) -> None:
     ax = axes[1, 1]
     bars = []
     tiny = summary.get("readjust_tiny", {})
+    seen = set()
     for label, row in tiny.get("runs", {}).items():
+        source, ceiling = label.split(", ceiling ")
         at_l = row["ppl_at_L"]
         original = at_l["original model"]
-        bars.append((f"{TINY} fine-tuned, {label} long factors: long only", at_l["fine-tuned, long factors only"]
-                     / original - 1))
-        bars.append((f"{TINY} fine-tuned, {label} long factors: + readjusted short",
+        if source not in seen:
+            seen.add(source)
+            bars.append((f"tiny, fine-tuned, {source} factors: long only",
+                         at_l["fine-tuned, long factors only"] / original - 1))
+        bars.append((f"tiny, fine-tuned, {source} factors: readjusted (ceiling {ceiling})",
                      at_l["fine-tuned, readjusted short factors"] / original - 1))
     for variant, row in summary.get("readjust", {}).items():
+        vanilla = row["ppl_8k_vanilla"]
         if "ppl_8k_long_only" in row:
-            bars.append((f"{REAL}, 4x factors: long only", row["ppl_8k_long_only"] / row["ppl_8k_vanilla"] - 1))
-        bars.append((f"{REAL}, 4x factors: + readjusted short ({variant} attention factor)",
-                     row["ppl_8k_vs_vanilla"]))
+            bars.append(("SmolLM2 4x: long only", row["ppl_8k_long_only"] / vanilla - 1))
+        if "ppl_8k_ones_long_attention_factor" in row:
+            bars.append(("SmolLM2 4x: short all ones, long attention factor",
+                         row["ppl_8k_ones_long_attention_factor"] / vanilla - 1))
+        bars.append((f"SmolLM2 4x: readjusted ({variant} attention factor)", row["ppl_8k_vs_vanilla"]))
     if bars:
         ax.barh(range(len(bars)), [100 * v for _, v in bars],
                 color=["tab:green" if "readjusted" in name else "tab:orange" for name, _ in bars])
@@ -568,10 +575,9 @@ def stage_plot(args) -> None:
         ax.axvline(1.0, color="red", ls=":", label="+1%")
         ax.axvline(0.0, color="black", lw=0.8)
         ax.set(xlabel="PPL at the training length L vs the original model (%)",
-               title="short-context readjustment (inputs <= L: short factors)")
+               title="readjusted short factors (tiny: 256 tokens, SmolLM2: 8,192)")
         ax.invert_yaxis()
         ax.legend(fontsize=8)
-    fig.tight_layout()
     path = args.out / "longrope-pipeline.png"
     fig.savefig(path, dpi=110)
     print("figure:", path)

@@ -256,6 +256,8 @@ def test_a_caller_supplied_unbounded_cache_is_refused_even_empty(spec):
     with pytest.raises(PatchNotInForce, match="forward\\(\\) got a DynamicCache.*handle.new_cache") as refused:
         model(ids, **cache_kwargs(model, DynamicCache()), use_cache=True)
     assert "\n" not in str(refused.value)
+    with pytest.raises(PatchNotInForce, match="generate\\(\\) got a DynamicCache.*handle.new_cache"):
+        model.generate(ids, **cache_kwargs(model, DynamicCache()), max_new_tokens=2, do_sample=False)
     model(ids, **cache_kwargs(model, handle.new_cache()), use_cache=True)
     handle.remove()
     model(ids, **cache_kwargs(model, DynamicCache()), use_cache=True)  # unpatched: transformers' own behaviour

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -43,7 +42,7 @@ from lengthwise.models.compat import standard_rope_frequencies
 from lengthwise.models.families import context_length, shipped_rope_parameters
 from lengthwise.registry import check_combination, get_method, parse_method_spec
 from lengthwise.rope.rotation import rotary_layout
-from lengthwise.rope.scaling import base_inv_freq
+from lengthwise.rope.scaling import base_inv_freq, frequency_gap
 from lengthwise.rope.shipped import original_length
 from lengthwise.rope.table import ROPE_METHODS, to_rope_parameters
 
@@ -320,8 +319,7 @@ def _check_rotary(written: Path, patched_rotary, settings: EngineSettings) -> No
     if patched_rotary is None:
         return
     rebuilt = type(patched_rotary)(config=loaded)
-    ours, theirs = patched_rotary.inv_freq.double().cpu(), rebuilt.inv_freq.double()
-    gap = float(((ours - theirs).abs() / ours.abs()).max()) if ours.shape == theirs.shape else math.inf
+    gap = frequency_gap(patched_rotary.inv_freq, rebuilt.inv_freq)
     factor_gap = abs(float(rebuilt.attention_scaling) - float(patched_rotary.attention_scaling))
     if gap > 1e-6 or factor_gap > 1e-6:
         raise RuntimeError(f"the written config builds other rotary frequencies than the patched model (largest "

@@ -181,9 +181,16 @@ def install_states(modules, make_state, undo, hook_cache: bool) -> None:
 def use_cache_in_generate(model, cache_factory, undo, owner: tuple[str, str]) -> None:
     """Make a plain `model.generate()` on the patched model use the bounded cache unless one is passed. While it
     runs, a forward call that gets no cache (Phi-3 drops it once to recompute the prompt under its long-context
-    frequencies) gets a fresh bounded one instead of an unbounded DynamicCache. A cache of another kind passed in is
-    refused (`owner`: method and model type, for the message)."""
+    frequencies) gets a fresh bounded one instead of an unbounded DynamicCache. A cache of another kind passed to
+    generate() or forward() is refused (`owner`: method and model type, for the message)."""
     original = model.generate
+
+    def require_bounded(cache, where: str) -> None:
+        """A cache handed to generate() or forward() must be the method's own: a DynamicCache (even empty) would keep
+        every key of every call, without a word."""
+        if not isinstance(cache, LambdaCache):
+            raise PatchNotInForce(*owner, f"{where} got a {type(cache).__name__}, which keeps every key: only the "
+                                  f"method's own cache keeps its bound", "pass `handle.new_cache()`, or no cache")
 
     def keep_bounded(module, args, kwargs):
         if kwargs.get("use_cache", True) and all(kwargs.get(name) is None for name in CACHE_NAMES):
@@ -193,9 +200,7 @@ def use_cache_in_generate(model, cache_factory, undo, owner: tuple[str, str]) ->
     def generate(*args, **kwargs):
         cache = next((kwargs.pop(name) for name in CACHE_NAMES if kwargs.get(name) is not None), None)
         cache = cache_factory(model) if cache is None else cache
-        if not isinstance(cache, LambdaCache):  # e.g. a DynamicCache: its keys would grow without bound
-            raise PatchNotInForce(*owner, f"generate() got a {type(cache).__name__}, which keeps every key: only the "
-                                  f"method's own cache keeps its bound", "pass `handle.new_cache()`, or no cache")
+        require_bounded(cache, "generate()")
         kwargs.setdefault("use_cache", True)  # some configs (e.g. MPT) default to use_cache=False
         hook = model.register_forward_pre_hook(keep_bounded, with_kwargs=True)
         try:
@@ -207,11 +212,8 @@ def use_cache_in_generate(model, cache_factory, undo, owner: tuple[str, str]) ->
     undo.shadow(model, "generate", generate)
 
     def refuse_foreign_cache(module, args, kwargs):
-        """A cache the caller passes to forward() must be the method's own: an empty DynamicCache would otherwise
-        keep every key of every call, without a word."""
         cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
-        if cache is not None and not isinstance(cache, LambdaCache):
-            raise PatchNotInForce(*owner, f"forward() got a {type(cache).__name__}, which keeps every key: only the "
-                                  f"method's own cache keeps its bound", "pass `handle.new_cache()`, or no cache")
+        if cache is not None:
+            require_bounded(cache, "forward()")
 
     undo.add(model.register_forward_pre_hook(refuse_foreign_cache, with_kwargs=True).remove)

@@ -55,6 +55,23 @@ def _load(model: str, finetuned: Path | None):
         hf_logging.enable_progress_bar()
 
 
+def _first_stage(factors: Path | None, finetuned: Path | None) -> dict:
+    """The first stage's factors (from --factors, or the --finetuned folder's), read and checked: one line when the
+    folder is not a finished fine-tuning run or the file is missing or torn."""
+    from lengthwise.search.finetune import read_manifest  # noqa: PLC0415
+    from lengthwise.search.progressive import read_previous  # noqa: PLC0415
+
+    if finetuned is not None:
+        read_manifest(finetuned)
+    return read_previous(_factors_of(factors, finetuned))
+
+
+def _echo_outputs(result) -> None:
+    for what, path in result.files.items():
+        typer.echo(f"{what}: {path}")
+    typer.echo(f"apply: -m {result.method_spec(result.files['factors'])}")
+
+
 def _factors_of(factors: Path | None, finetuned: Path | None) -> Path:
     if factors is not None:
         return factors
@@ -191,15 +208,11 @@ def extend_command(
 ) -> None:
     """Progressive extension: search factors for a longer target on the fine-tuned model, seeded from its factors."""
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.search.finetune import read_manifest  # noqa: PLC0415
-    from lengthwise.search.progressive import extend, read_previous  # noqa: PLC0415
+    from lengthwise.search.progressive import extend  # noqa: PLC0415
 
     if (target_length is None) == (scale is None):
         raise typer.BadParameter("give exactly one of --target-length or --scale")
-    if finetuned is not None:
-        read_manifest(finetuned)  # one line when the folder is not a finished fine-tuning run
-    factors = _factors_of(factors, finetuned)
-    previous = read_previous(factors)
+    previous = _first_stage(factors, finetuned)
     if scale is not None and scale < previous["factor"]:
         raise typer.BadParameter(f"--scale {scale:g} is below the first stage's {previous['factor']:g}; the "
                                  "progressive stage extends")
@@ -212,9 +225,7 @@ def extend_command(
                     out_dir=out, threads=threads, model_name=name, on_generation=_show, wait=not no_wait)
     typer.echo(f"long factors (s={result.scale:g}, {result.target_length} tokens): fitness {result.long.ppl:.4f} "
                f"(seeds: {', '.join(f'{k} {v:.4f}' for k, v in result.long.seed_ppl.items())})")
-    for what, path in result.files.items():
-        typer.echo(f"{what}: {path}")
-    typer.echo(f"apply: -m {result.method_spec(result.files['factors'])}")
+    _echo_outputs(result)
 
 
 @longrope_app.command("readjust")
@@ -242,13 +253,9 @@ def readjust_command(
 ) -> None:
     """Short-context readjustment: search short factors at the training length, the long factors fixed."""
     from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.search.finetune import read_manifest  # noqa: PLC0415
-    from lengthwise.search.progressive import read_previous, readjust  # noqa: PLC0415
+    from lengthwise.search.progressive import readjust  # noqa: PLC0415
 
-    if finetuned is not None:
-        read_manifest(finetuned)  # one line when the folder is not a finished fine-tuning run
-    factors = _factors_of(factors, finetuned)
-    previous = read_previous(factors)
+    previous = _first_stage(factors, finetuned)
     if short_attention_factor is not None and not short_attention_factor > 0:
         raise typer.BadParameter(f"--short-attention-factor must be positive, got {short_attention_factor}")
     config = _evolution(population, parents, mutations, crossovers, iterations, seed)
@@ -260,6 +267,4 @@ def readjust_command(
                       out_dir=out, threads=threads, model_name=name, on_generation=_show, wait=not no_wait)
     typer.echo(f"short factors ({result.short_length} tokens): fitness {result.ppl:.4f} (seeds: "
                f"{', '.join(f'{k} {v:.4f}' for k, v in result.seed_ppl.items())})")
-    for what, path in result.files.items():
-        typer.echo(f"{what}: {path}")
-    typer.echo(f"apply: -m {result.method_spec(result.files['factors'])}")
+    _echo_outputs(result)

@@ -102,10 +102,8 @@ def _parent_of(model, child) -> torch.nn.Module:
 
 def _gaps(plan: FrequencyPlan, inv_freq: torch.Tensor, factor: float) -> tuple[float, float]:
     """Largest relative differences of frequencies and attention factor from the plan's."""
-    ours, plan_factor = plan.scaled(0)
-    ours, theirs = ours.double(), inv_freq.double().cpu()
-    gap = float(((theirs - ours).abs() / ours.abs()).max()) if ours.shape == theirs.shape else float("inf")
-    return gap, abs(float(factor) - plan_factor) / abs(plan_factor)
+    planned, plan_factor = plan.scaled(0)
+    return scaling.frequency_gap(planned, inv_freq), abs(float(factor) - plan_factor) / abs(plan_factor)
 
 
 def check_same_frequencies(model, built, plan: FrequencyPlan, method: str, rope_parameters: dict) -> None:

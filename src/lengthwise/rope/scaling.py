@@ -39,6 +39,15 @@ def _exponents(rotary_dim: int) -> torch.Tensor:
     return torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
 
 
+def frequency_gap(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Largest relative difference of `other` inverse frequencies from `reference` (inf when the shapes differ): the
+    one measure every check that two rotations agree uses."""
+    reference, other = reference.double().cpu(), other.double().cpu()
+    if reference.shape != other.shape:
+        return math.inf
+    return float(((other - reference).abs() / reference.abs()).max())
+
+
 def base_powers(rotary_dim: int, base: float) -> torch.Tensor:
     """1 / theta_i = b^(2i/d); shape (d/2,), float32. YaRN and LongRoPE divide by it (not multiply by theta_i),
     as transformers does, so their values round the same way."""

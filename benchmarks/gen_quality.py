@@ -1,4 +1,4 @@
-"""Generation quality after prefixes of N tokens on a reference model (issue 6).
+"""Generation quality after prefixes of N tokens on a reference model.
 
 For each prefix length N and each held-out document with at least N + 100 tokens (the first --max-docs in corpus
 order), greedy-generate 100 tokens under each method and score BLEU (sacrebleu) and ROUGE-L F1 (rouge-score)

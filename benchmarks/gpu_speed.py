@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from lengthwise.eval.results import ResultsFile, cell_key, machine_info, make_record  # noqa: PLC0415
     from lengthwise.eval.speed import PeakMemory, WARMUP_TOKENS, build_llama, run_cell  # noqa: PLC0415
     from lengthwise.eval.tasks import estimate_memory  # noqa: PLC0415
-    from lengthwise.registry import get_method, parse_method_spec  # noqa: PLC0415
+    from lengthwise.registry import get_entry, parse_method_spec  # noqa: PLC0415
 
     dtype = resolve_dtype(args.dtype)
     check_device(args.device, dtype)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                       chunk_size=args.chunk,
                       torch_threads=torch.get_num_threads(), benchmark="gpu_speed", shape=shape)
         try:
-            describe = [{"method": name, **asdict(get_method(name).make_config(**options))}
+            describe = [{"method": name, **asdict(get_entry(name).make_config(**options))}
                         for name, options in parse_method_spec(spec)]
         except ValueError as err:
             print(f"error: method {method!r}: {err}", file=sys.stderr)

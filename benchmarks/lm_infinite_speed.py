@@ -321,9 +321,9 @@ def _fmt(value, spec=".2f"):
     return "—" if value is None else format(value, spec)
 
 
-# Issue 8's targets on the 2-core CPU, for the bench model (n_local 2048). The kernel and decode targets are stated at
-# 32k tokens; the prefill target is a fraction of the FLOP bound, so it applies at every length. A real model (issue
-# 14) has only the prefill target and a flat cache: its bounds (n_local = its training length) can sit below 6x / 4x.
+# The speed targets on the 2-core CPU, for the bench model (n_local 2048). The kernel and decode targets are stated at
+# 32k tokens; the prefill target is a fraction of the FLOP bound, so it applies at every length. A real model has
+# only the prefill target and a flat cache: its bounds (n_local = its training length) can sit below 6x / 4x.
 TARGET_LENGTH = 32768
 TARGETS = {"kernel": 6.0, "decode": 4.0, "prefill_fraction": 0.8}
 

@@ -1,4 +1,4 @@
-"""Which middle blocks lm-infinite's block retrieval reads while it answers a passkey prompt (issue 15).
+"""Which middle blocks lm-infinite's block retrieval reads while it answers a passkey prompt.
 
 For one passkey trial (the key `benchmarks/passkey.py` uses for the same seed, length and depth), runs the calls
 `generate()` makes (the prompt, then one answer token per call, teacher-forced) and records, for every answer step,
@@ -35,9 +35,10 @@ def main() -> None:
     import torch  # noqa: PLC0415
 
     import lengthwise.attention.middle as middle_module  # noqa: PLC0415
-    from lengthwise.api import load_model, patch  # noqa: PLC0415
+    from lengthwise.api import load_model  # noqa: PLC0415
     from lengthwise.data.passkey import NEEDLE, make_passkey_prompt  # noqa: PLC0415
-    from lengthwise.eval.passkey import _step, own_cache, trial_key  # noqa: PLC0415
+    from lengthwise.eval.passkey import trial_key  # noqa: PLC0415
+    from lengthwise.scoring import PatchScorer  # noqa: PLC0415
     from lengthwise.io import atomic_write_text  # noqa: PLC0415
     from lengthwise.models.families import model_info  # noqa: PLC0415
 
@@ -50,7 +51,7 @@ def main() -> None:
     start = next(i for i in range(len(ids)) if ids[i:i + len(needle)] == needle)
     needle_span = (start, start + len(needle))
 
-    handle = patch(model, args.method)
+    scorer = PatchScorer(model, args.method)
     calls = []  # per call of _attend_selected: (H, keys) indices of the keys the last query reads in the middle
     original = middle_module._attend_selected
 
@@ -62,13 +63,13 @@ def main() -> None:
     layers = model_info(model).num_layers
     steps = []
     try:
-        cache = own_cache(model, handle)
+        decoder = scorer.decoder()
         full = torch.tensor(ids + prompt.answer_ids[:-1])
         with torch.no_grad():
             for j in range(len(prompt.answer_ids)):
                 calls.clear()
                 piece = full[:len(ids)] if j == 0 else full[len(ids) + j - 1:len(ids) + j]
-                predicted = int(_step(model, piece, cache).argmax())
+                predicted = int(decoder.feed(piece).argmax())
                 if len(calls) != layers:  # one selection per layer, else the layers below would be mislabelled
                     raise SystemExit(f"middle_recall: needs one query group per layer and step "
                                      f"(middle_queries=last, middle_from_layer=0, every layer retrieving); "
@@ -85,7 +86,7 @@ def main() -> None:
                       f"layers with none: {blind}", flush=True)
     finally:
         middle_module._attend_selected = original
-        handle.remove()
+        scorer.close()
     record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
               "model": args.model, "length": args.length, "depth": args.depth, "seed": args.seed, "key": key,
               "method": args.method, "needle_span": needle_span, "steps": steps}

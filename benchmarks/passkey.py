@@ -1,4 +1,4 @@
-"""Passkey retrieval on a reference model from 1x to 32x its training length (issue 6).
+"""Passkey retrieval on a reference model from 1x to 32x its training length.
 
 Methods: vanilla, the sliding-window baseline, streaming, lm-infinite, and the RoPE rescalings with the scale set to
 the prompt length over the training length (`linear:factor={s}` etc., s = n / 256; dynamic-ntk with its default

@@ -1,4 +1,4 @@
-"""Perplexity of the RoPE rescaling family beyond the training length (issue 3).
+"""Perplexity of the RoPE rescaling family beyond the training length.
 
 For each target length n (default 2x, 4x, 8x the training length L) every static method uses the scale s = n / L;
 dynamic-ntk uses factor 1 (its base follows the current length, b' = b (n/L)^(d/(d-2))). Rows with n_hat keep

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from lengthwise.api import load_model, patch
-from lengthwise.eval.perplexity import nll_one_pass
+from lengthwise.scoring import nll_one_pass
 from lengthwise.eval.streaming import document_separator, parse_token_count, stream_sources
 from lengthwise.io import atomic_write_json
 

@@ -11,7 +11,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="the `eval` extra is not install
 
 from lengthwise import harness  # noqa: E402
 from lengthwise.api import load_model  # noqa: E402
-from lengthwise.eval.perplexity import nll_one_pass  # noqa: E402
+from lengthwise.scoring import nll_one_pass  # noqa: E402
 
 METHOD = "lm-infinite:n_local=64;n_global=4"
 

@@ -162,7 +162,7 @@ def test_decoding_writes_the_cache_in_place():
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_chunked_prefill_equals_one_pass(family):
-    from lengthwise.eval.perplexity import nll_one_pass
+    from lengthwise.scoring import nll_one_pass
 
     model = tiny_model(family, length=32)
     ids = random_ids(90)[0]

@@ -3,7 +3,8 @@ import math
 import torch
 
 from lengthwise.data.corpus import Document
-from lengthwise.eval.perplexity import nll_one_pass, nll_sliding_window, perplexity
+from lengthwise.eval.perplexity import perplexity
+from lengthwise.scoring import nll_one_pass, nll_sliding_window
 from lengthwise.eval.results import ResultsFile
 from lengthwise.testing import random_ids, tiny_model, tiny_tokenizer
 

@@ -2,7 +2,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lengthwise.cli import app
-from lengthwise.registry import check_combination, get_method, method_names, parse_method_spec
+from lengthwise.registry import check_combination, get_entry, get_method, method_names, parse_method_spec, spec_names
 
 
 def test_unknown_method_lists_accepted():
@@ -22,17 +22,30 @@ def test_parse_spec_rejects_bad_option():
 
 def test_unknown_option_lists_accepted():
     with pytest.raises(ValueError, match="accepted: window, stride"):
-        get_method("sliding-window").make_config(windw=3)
+        get_entry("sliding-window").make_config(windw=3)
 
 
 def test_invalid_value_is_named():
     with pytest.raises(ValueError, match="stride"):
-        get_method("sliding-window").make_config(stride=0)
+        get_entry("sliding-window").make_config(stride=0)
 
 
 def test_reference_methods_do_not_combine():
     with pytest.raises(ValueError, match="cannot be combined"):
         check_combination(["vanilla", "sliding-window"])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        check_combination(["sliding-window", "yarn"])
+
+
+def test_a_scoring_strategy_is_not_a_patch():
+    from lengthwise.registry import ScorerSpec, is_scorer  # noqa: PLC0415
+
+    scorer = get_entry("sliding-window")
+    assert isinstance(scorer, ScorerSpec) and not hasattr(scorer, "apply")  # nothing to apply, no Undo to fake
+    assert "sliding-window" not in method_names() and "sliding-window" in spec_names()
+    assert is_scorer("sliding-window:stride=4") and not is_scorer("yarn:factor=2+lm-infinite")
+    with pytest.raises(ValueError, match="'sliding-window' is a scoring strategy, not a patch"):
+        get_method("sliding-window")
 
 
 def test_cli_lists_every_registered_method():
@@ -41,7 +54,7 @@ def test_cli_lists_every_registered_method():
     assert listed.exit_code == 0
     help_text = runner.invoke(app, ["ppl", "--help"], terminal_width=400).output
     flat = " ".join(help_text.replace("│", " ").split())
-    for name in method_names():
+    for name in spec_names():
         assert name in listed.output
         assert name in flat
 
@@ -56,11 +69,11 @@ def test_methods_page_matches_registry():
     """docs/methods.md is generated from the registry; regenerate it when a method or option changes."""
     from pathlib import Path
 
-    from lengthwise.registry import method_names, registry_markdown
+    from lengthwise.registry import registry_markdown
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     assert page.rstrip("\n") == registry_markdown().rstrip("\n"), "run: lengthwise methods --markdown > docs/methods.md"
-    assert all(f"## `{name}`" in page for name in method_names())
+    assert all(f"## `{name}`" in page for name in spec_names())
 
 
 def test_every_option_of_every_method_has_help():
@@ -70,7 +83,7 @@ def test_every_option_of_every_method_has_help():
     from lengthwise.registry import option_help
     from lengthwise.temp_lora import TempLoraConfig
 
-    configs = {name: get_method(name).config_cls for name in method_names()} | {"temp-lora": TempLoraConfig}
+    configs = {name: get_entry(name).config_cls for name in spec_names()} | {"temp-lora": TempLoraConfig}
     missing = [f"{name}.{f.name}" for name, cls in configs.items() for f in dataclasses.fields(cls)
                if not option_help(f).strip()]
     assert not missing, f"options without help: {', '.join(missing)}"

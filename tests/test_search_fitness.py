@@ -11,7 +11,7 @@ import torch
 
 from lengthwise.api import patch
 from lengthwise.data.corpus import Document
-from lengthwise.eval.perplexity import nll_one_pass
+from lengthwise.scoring import nll_one_pass
 from lengthwise.search import EvolutionConfig, longrope
 from lengthwise.search.fitness import PerplexityFitness
 from lengthwise.search.longrope import load_previous

@@ -12,7 +12,8 @@ import torch
 import lengthwise
 from lengthwise.cli import main
 from lengthwise.eval import streaming
-from lengthwise.eval.perplexity import nll_one_pass, nll_sliding_window
+from lengthwise import scoring
+from lengthwise.scoring import nll_one_pass, nll_sliding_window
 from lengthwise.eval.results import ResultsFile
 from lengthwise.registry import get_method
 from lengthwise.eval.streaming import (
@@ -163,7 +164,7 @@ def test_paused_runs_resume_to_the_uninterrupted_result(method, corpus, tmp_path
 def test_a_crashed_run_resumes_from_its_last_checkpoint(corpus, tmp_path, monkeypatch):
     model, n = tiny_model("llama", length=32), 300
     whole = _run(model, corpus, n, "lm-infinite")
-    original, calls = streaming._CacheScorer.step, {"n": 0}
+    original, calls = scoring.CacheStream.step, {"n": 0}
 
     def crash_at_the_eighth_chunk(self, *args):
         calls["n"] += 1
@@ -171,10 +172,10 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(corpus, tmp_path, monkey
             raise KeyboardInterrupt  # killed mid-run: no checkpoint is written now
         return original(self, *args)
 
-    monkeypatch.setattr(streaming._CacheScorer, "step", crash_at_the_eighth_chunk)
+    monkeypatch.setattr(scoring.CacheStream, "step", crash_at_the_eighth_chunk)
     with pytest.raises(KeyboardInterrupt):
         _run(model, corpus, n, "lm-infinite", checkpoint_dir=tmp_path, checkpoint_every=48)
-    monkeypatch.setattr(streaming._CacheScorer, "step", original)
+    monkeypatch.setattr(scoring.CacheStream, "step", original)
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["offset"] == 144  # the checkpoint before the crash
     record = _run(model, corpus, n, "lm-infinite", checkpoint_dir=tmp_path, checkpoint_every=48)
     assert record["stream"]["resumes"] == 1

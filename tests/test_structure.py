@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lengthwise"
 # the core: torch + transformers only (gguf as an extra, imported where a GGUF is read)
 CORE = {"__init__", "api", "registry", "patching", "errors", "io", "models", "rope", "attention", "methods", "export",
-        "generation", "static_decode"}
+        "generation", "static_decode", "scoring"}
 HARNESS = {"eval", "report", "search", "lab", "cli", "temp_lora", "data", "training", "harness", "chat", "session",
            "locks", "progress", "distributed", "testing", "zoo", "walk", "reference_models"}
 

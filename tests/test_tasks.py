@@ -11,7 +11,8 @@ from lengthwise.cli import app
 from lengthwise.data.corpus import Document
 from lengthwise.data.passkey import PasskeyPrompt, make_passkey_prompt
 from lengthwise.eval.gen_quality import gen_quality, text_scores
-from lengthwise.eval.passkey import check_depths, first_integer, own_cache, passkey, predict_answer, score, trial_key
+from lengthwise.eval.passkey import check_depths, first_integer, passkey, predict_answer, score, trial_key
+from lengthwise.scoring import RecomputeDecoder, open_scorer
 from lengthwise.eval.results import ResultsFile
 from lengthwise.eval.speed import bench, build_llama
 from lengthwise.eval.tasks import (
@@ -22,16 +23,16 @@ from lengthwise.eval.tasks import (
     resolve_spec,
 )
 from lengthwise.generation import generate
-from lengthwise.registry import get_method, method_names
+from lengthwise.registry import get_entry, is_scorer, spec_names
 from lengthwise.testing import tiny_model, tiny_tokenizer
 
 PROMPT_LENGTH = 120  # the tiny tokenizer needs 111 tokens for instruction + needle + question
 
 
 def _spec_cases():
-    for name in method_names():
-        families = ["llama"] if "rope" in get_method(name).encodings else []
-        families += ["bloom"] if "alibi" in get_method(name).encodings else []
+    for name in spec_names():
+        families = ["llama"] if "rope" in get_entry(name).encodings else []
+        families += ["bloom"] if "alibi" in get_entry(name).encodings else []
         for family in families:
             yield pytest.param(family, name, id=f"{family}-{name}")
     for spec in ("lm-infinite:n_local=16,top_k=3,middle_queries=last",
@@ -47,13 +48,11 @@ def test_teacher_forced_argmax_equals_greedy_generation(family, method):
     prompt = make_passkey_prompt(tiny_tokenizer(), PROMPT_LENGTH, 0.5, "12345")
     greedy = generate(model, torch.tensor([prompt.input_ids]), method, max_new_tokens=6).tolist()
     as_answer = PasskeyPrompt(prompt.input_ids, greedy, "", 0.5)
-    if get_method(method.partition(":")[0]).role == "scoring":
-        predicted, free = predict_answer(model, as_answer, window=32, greedy_tokens=6)
-    else:
-        with patch(model, method) as handle:
-            predicted, free = predict_answer(model, as_answer, cache=own_cache(model, handle), greedy_tokens=6)
-            one_pass, _ = predict_answer(model, as_answer)  # without a cache of its own: one pass
-        assert handle.new_cache() is not None or one_pass == greedy
+    with open_scorer(model, method) as scorer:
+        predicted, free = predict_answer(scorer.decoder(), as_answer, greedy_tokens=6)
+        if not is_scorer(method):
+            one_pass, _ = predict_answer(RecomputeDecoder(model), as_answer)  # without a cache: one pass
+            assert scorer.handle.new_cache() is not None or one_pass == greedy
     assert predicted == greedy and free == greedy  # teacher-forced and greedy branches both reproduce generate()
     # A wrong token at position 3 is caught there, and the tokens before it still match.
     wrong = greedy[:3] + [(greedy[3] + 1) % 300] + greedy[4:]

@@ -330,10 +330,7 @@ def patch(model, method: MethodArg, **config: Any) -> PatchHandle:
     parts = _normalise(method, config)
     names = [name for name, _ in parts]
     for name in names:
-        if get_method(name).role == "scoring":
-            raise UserError(f"{name!r} is a scoring strategy, not a patch: the model stays as it is and the evaluators "
-                            f"score with it by name (e.g. `lengthwise ppl -m {name}`, "
-                            f"`lengthwise.eval.perplexity.perplexity`); patch() takes the methods of the other roles")
+        get_method(name)  # a scoring strategy is refused here, in one line
     check_combination(names)
     undo, configs = Undo(), []
     try:

@@ -196,7 +196,7 @@ class Conversation:
     def __init__(self, model, tokenizer, method: str = "vanilla", *, chunk_size: int = 2048,
                  system: str | None = None, seed: int = 0, model_name: str | None = None, temp_lora=None) -> None:
         from lengthwise.api import patch  # noqa: PLC0415
-        from lengthwise.registry import get_method, parse_method_spec  # noqa: PLC0415
+        from lengthwise.registry import get_entry, get_method, is_scorer, parse_method_spec  # noqa: PLC0415
         from lengthwise.session import model_identity  # noqa: PLC0415
 
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -204,11 +204,11 @@ class Conversation:
         try:
             parts = parse_method_spec(method)
             for name, options in parts:
-                get_method(name).make_config(**options)
+                get_entry(name).make_config(**options)
         except ValueError as err:
             raise UserError(str(err)) from None
         for name, _ in parts:
-            if get_method(name).role == "scoring":
+            if is_scorer(name):
                 raise UserError(f"{name!r} is a scoring strategy with no KV cache; a conversation needs a cache: use "
                                 f"lm-infinite or streaming (bounded), or vanilla / a RoPE method (unbounded)")
         self.model, self.tokenizer, self.method = model, tokenizer, method

@@ -40,7 +40,7 @@ from lengthwise.api import patch
 from lengthwise.errors import UserError
 from lengthwise.models.compat import standard_rope_frequencies
 from lengthwise.models.families import context_length, shipped_rope_parameters
-from lengthwise.registry import check_combination, get_method, parse_method_spec
+from lengthwise.registry import check_combination, get_entry, get_method, parse_method_spec
 from lengthwise.rope.rotation import rotary_layout
 from lengthwise.rope.scaling import base_inv_freq, frequency_gap
 from lengthwise.rope.shipped import original_length
@@ -78,7 +78,7 @@ def check_spec(spec: str) -> tuple[str, dict[str, Any]]:
     parts = parse_method_spec(spec)
     check_combination([name for name, _ in parts])
     for name, options in parts:
-        get_method(name).make_config(**options)  # bad options: the registry's own one-line message
+        get_entry(name).make_config(**options)  # bad options: the registry's own one-line message
         if name in NOT_EXPORTABLE:
             raise UserError(f"{name!r} cannot be exported: {NOT_EXPORTABLE[name]}; keep the lengthwise patch "
                             f"(lengthwise.patch) to run it")

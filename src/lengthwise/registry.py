@@ -1,9 +1,13 @@
-"""The one registry of methods. The Python API, the CLI and the docs all read it.
+"""The one registry of methods and scoring strategies. The Python API, the CLI and the docs all read it.
 
-A method is a typed config dataclass plus `apply(model, config) -> Undo`. Register one with `@register(...)`:
+A method is a patch: a typed config dataclass plus `apply(model, config) -> Undo`. Register one with `@register`:
 
     @register("yarn", YarnConfig, role="rope", summary="...", paper="arXiv 2309.00071")
     def apply_yarn(model, config: YarnConfig) -> Undo: ...
+
+A scoring strategy is not a patch: the model stays as it is and the evaluators score with it by name (the
+sliding-window baseline). It is a config dataclass plus the scorer class it opens (`lengthwise.scoring`), registered
+with `register_scorer`; the same spec grammar names both, and `patch()` refuses a scoring strategy.
 
 Every field of a config carries its help text in its metadata (`option(default, "help")`), so the CLI and
 docs/methods.md describe each option from the same place the code reads it.
@@ -22,7 +26,6 @@ from lengthwise.errors import UserError
 # phrased to follow "both ..." and "methods that ..." in the combination errors
 ROLES = {
     "none": "change nothing (reference)",
-    "scoring": "an evaluation strategy, not a patch (the model itself is unchanged)",
     "rope": "rescale the rotary frequencies",
     "attention": "replace the attention pattern and the KV cache",
     "query-scale": "scale the queries by position",
@@ -42,14 +45,36 @@ class MethodSpec:
     composable_with: tuple[str, ...] = field(default=())  # roles it may be stacked with; empty: any other role
 
     def make_config(self, **kwargs: Any) -> Any:
-        names = [f.name for f in dataclasses.fields(self.config_cls)]
-        unknown = sorted(set(kwargs) - set(names))
-        if unknown:
-            raise UserError(
-                f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
-                f"{', '.join(names) or '(none)'}"
-            )
-        return self.config_cls(**kwargs)
+        return _make_config(self.name, self.config_cls, kwargs)
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """A scoring strategy: `open(model, config)` gives its scorer. Its config implements
+    `context_length(length, pretrain_length)` (tokens the model runs over at once)."""
+
+    name: str
+    config_cls: type
+    open: Callable[[Any, Any], Any]
+    summary: str
+    paper: str = ""
+    encodings: tuple[str, ...] = ("rope", "alibi", "other")  # it runs the model as it is: any causal LM
+    chunked: bool = False  # whether a chunk size means anything to it
+    bounded: bool = True  # whether its memory stays bounded over a stream
+    role = "scoring"  # shown beside the methods' roles; never a patch's role
+    composable_with: tuple[str, ...] = ()
+
+    def make_config(self, **kwargs: Any) -> Any:
+        return _make_config(self.name, self.config_cls, kwargs)
+
+
+def _make_config(name: str, config_cls: type, kwargs: dict) -> Any:
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise UserError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
+                        f"{', '.join(names) or '(none)'}")
+    return config_cls(**kwargs)
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002 - the name the CLI and docs show
@@ -67,6 +92,7 @@ def option_rows(config_cls: type) -> list[tuple[str, str, str]]:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+_SCORERS: dict[str, ScorerSpec] = {}
 
 
 def register(name: str, config_cls: type, *, role: str, summary: str, paper: str = "", **extra: Any):
@@ -76,7 +102,7 @@ def register(name: str, config_cls: type, *, role: str, summary: str, paper: str
         raise TypeError(f"config of {name!r} must be a dataclass")
 
     def decorator(apply: Callable[[Any, Any], Any]):
-        if name in _REGISTRY and _REGISTRY[name].apply is not apply:
+        if name in _SCORERS or (name in _REGISTRY and _REGISTRY[name].apply is not apply):
             raise UserError(f"method {name!r} is already registered")
         _REGISTRY[name] = MethodSpec(name, config_cls, apply, role, summary, paper, **extra)
         return apply
@@ -84,14 +110,55 @@ def register(name: str, config_cls: type, *, role: str, summary: str, paper: str
     return decorator
 
 
+def register_scorer(name: str, config_cls: type, open: Callable[[Any, Any], Any], *, summary: str,  # noqa: A002
+                    **extra: Any) -> ScorerSpec:
+    """Register a scoring strategy: `open(model, config)` returns its scorer (see `lengthwise.scoring`)."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"config of {name!r} must be a dataclass")
+    if name in _REGISTRY or (name in _SCORERS and _SCORERS[name].open is not open):
+        raise UserError(f"method {name!r} is already registered")
+    _SCORERS[name] = ScorerSpec(name, config_cls, open, summary, **extra)
+    return _SCORERS[name]
+
+
 def method_names() -> list[str]:
+    """The registered patches."""
     return sorted(_REGISTRY)
 
 
+def spec_names() -> list[str]:
+    """Every name a spec may use: the patches and the scoring strategies."""
+    return sorted(_REGISTRY) + sorted(_SCORERS)
+
+
 def get_method(name: str) -> MethodSpec:
+    """A registered patch; a scoring strategy is refused in one line (it is not a patch)."""
+    if name in _SCORERS:
+        raise UserError(f"{name!r} is a scoring strategy, not a patch: the model stays as it is and the evaluators "
+                        f"score with it by name (e.g. `lengthwise ppl -m {name}`, "
+                        f"`lengthwise.scoring.open_scorer(model, {name!r})`); patch() takes the registered methods")
     if name not in _REGISTRY:
-        raise UserError(f"unknown method {name!r}; accepted: {', '.join(sorted(_REGISTRY))}")
+        raise UserError(f"unknown method {name!r}; accepted: {', '.join(spec_names())}")
     return _REGISTRY[name]
+
+
+def get_entry(name: str) -> MethodSpec | ScorerSpec:
+    """A registered patch or scoring strategy."""
+    return _SCORERS[name] if name in _SCORERS else get_method(name)
+
+
+def context_length(spec: str, length: int, pretrain_length: int) -> int:
+    """Tokens the model runs over at once when `spec` scores `length` tokens (a scoring strategy may run over fewer:
+    its config says)."""
+    name, options = parse_method_spec(spec)[0]
+    if name in _SCORERS:
+        return _SCORERS[name].make_config(**options).context_length(length, pretrain_length)
+    return length
+
+
+def is_scorer(spec: str) -> bool:
+    """Whether the spec (or name) names a scoring strategy (it stands alone: scorers are never combined)."""
+    return spec.split("+")[0].partition(":")[0].strip() in _SCORERS
 
 
 def registry_markdown() -> str:
@@ -101,10 +168,12 @@ def registry_markdown() -> str:
              "Use any of them as `lengthwise.patch(model, \"name\", option=value)` or on the command line as "
              "`-m name:option=value`; stack methods of different roles with `+` "
              "(e.g. `yarn:factor=8+lm-infinite`).", ""]
-    for name in method_names():
-        spec = _REGISTRY[name]
+    for name in spec_names():
+        spec = get_entry(name)
+        kind = "`scoring`: a scoring strategy, not a patch (the model itself is unchanged; `patch()` refuses it)" \
+            if isinstance(spec, ScorerSpec) else f"`{spec.role}`"
         lines += [f"## `{name}`", "", spec.summary, "",
-                  f"- role: `{spec.role}`; position encodings: {', '.join(spec.encodings)}",
+                  f"- role: {kind}; position encodings: {', '.join(spec.encodings)}",
                   f"- paper: {spec.paper or '-'}"]
         if spec.composable_with:
             lines.append(f"- composes with roles: {', '.join(spec.composable_with)}")
@@ -156,7 +225,7 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
                 if not eq:
                     raise UserError(f"option {item!r} in {piece!r} is not key=value")
                 kwargs[key.strip().replace("-", "_")] = _parse_value(value.strip())
-        get_method(name)  # validates the name
+        get_entry(name)  # validates the name
         parts.append((name, kwargs))
     return parts
 
@@ -178,10 +247,10 @@ def split_options(options: str) -> list[str]:
 
 def check_combination(names: list[str]) -> None:
     """At most one method per role; a method restricting its partners (`composable_with`) is honoured."""
-    specs = [get_method(n) for n in names]
+    specs = [get_entry(n) for n in names]
     seen: dict[str, str] = {}
     for spec in specs:
-        if spec.role in ("none", "scoring") and len(specs) > 1:
+        if (spec.role == "none" or isinstance(spec, ScorerSpec)) and len(specs) > 1:
             raise UserError(f"{spec.name!r} cannot be combined with other methods ({', '.join(names)})")
         if spec.role in seen:
             raise UserError(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from lengthwise.registry import check_combination, get_method, method_names, parse_method_spec
+from lengthwise.registry import check_combination, get_entry, parse_method_spec, spec_names
 
 app = typer.Typer(
     help="lengthwise: run pretrained causal LMs far beyond their training context, and measure how well it works.",
@@ -18,7 +18,7 @@ app = typer.Typer(
 MODEL_HELP = ("bundled or real model name (`lengthwise models`), HF folder, .gguf file (or a folder holding one), "
               "or hub id")
 METHODS_HELP = (
-    "method spec, repeatable: NAME[:key=value,...][+NAME...]. Methods: " + ", ".join(method_names())
+    "method spec, repeatable: NAME[:key=value,...][+NAME...]. Methods: " + ", ".join(spec_names())
 )
 
 
@@ -38,7 +38,7 @@ def check_methods(methods: list[str]) -> list[str]:
             parts = parse_method_spec(spec)
             check_combination([name for name, _ in parts])
             for name, options in parts:
-                get_method(name).make_config(**options)
+                get_entry(name).make_config(**options)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
     return methods
@@ -72,7 +72,7 @@ def check_methods_fit(model: str, methods: list[str]) -> None:
         return
     for spec in methods:
         for name, _ in parse_method_spec(resolve_spec(spec, 2, 1)):
-            accepted = get_method(name).encodings
+            accepted = get_entry(name).encodings
             if encoding not in accepted:
                 raise typer.BadParameter(f"method {name!r} works on {' and '.join(accepted)} models; model {model!r} "
                                          f"uses {encoding!r} position encoding")

@@ -70,10 +70,10 @@ def _names(spec: str) -> list[str]:
 
 
 def _check_chat_method(spec: str) -> None:
-    from lengthwise.registry import get_method  # noqa: PLC0415
+    from lengthwise.registry import is_scorer  # noqa: PLC0415
 
     for name in _names(spec):
-        if get_method(name).role == "scoring":
+        if is_scorer(name):
             raise typer.BadParameter(f"{name!r} is a scoring strategy with no KV cache; a conversation needs a cache: "
                                      f"use lm-infinite or streaming (bounded), or vanilla / a RoPE method (unbounded)")
 

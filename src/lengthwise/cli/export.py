@@ -31,7 +31,6 @@ def export_command(
     from lengthwise import export  # noqa: PLC0415
     from lengthwise.api import load_model, resolve_model_path  # noqa: PLC0415
     from lengthwise.models.real import find_gguf  # noqa: PLC0415
-    from lengthwise.registry import get_method  # noqa: PLC0415
 
     started = time.perf_counter()
     try:  # before anything loads: a method no engine has, bad options, a file that is not a GGUF
@@ -47,7 +46,7 @@ def export_command(
                                      f"model read from one")
         export.require_gguf()
         export.check_out_file(gguf, force)
-        refused, _ = export.engine_limits(name, get_method(name).make_config(**options))
+        refused, _ = export.engine_limits(name, export.get_method(name).make_config(**options))
         if "llama.cpp" in refused:
             raise typer.BadParameter(f"{method} cannot be written as a GGUF: {refused['llama.cpp']}")
     check_device_dtype(device, dtype)

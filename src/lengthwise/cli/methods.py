@@ -19,7 +19,7 @@ def list_methods(
     markdown: bool = typer.Option(False, help="print the Markdown page docs/methods.md instead"),
 ) -> None:
     """List the registered methods (the same registry the API and docs read); with names, their options."""
-    from lengthwise.registry import get_method, method_names, option_rows, registry_markdown  # noqa: PLC0415
+    from lengthwise.registry import get_entry, option_rows, registry_markdown, spec_names  # noqa: PLC0415
 
     if markdown:
         print(registry_markdown())
@@ -27,8 +27,8 @@ def list_methods(
     console = Console()  # made per call, so it measures the terminal (or COLUMNS) it prints to
     if not names:
         table = Table("method", "role", "paper", "what it does")
-        for name in method_names():
-            spec = get_method(name)
+        for name in spec_names():
+            spec = get_entry(name)
             table.add_row(name, spec.role, spec.paper, spec.summary)
         console.print(table)
         console.print("`lengthwise methods NAME` lists a method's options with their defaults and help.")
@@ -36,7 +36,7 @@ def list_methods(
     specs = []
     for name in names:
         try:
-            specs.append(get_method(name))
+            specs.append(get_entry(name))
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="NAME") from None
     for spec in specs:

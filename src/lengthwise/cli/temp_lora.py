@@ -34,11 +34,11 @@ def check_window_method(method: str | None) -> str | None:
     if not method or method == "vanilla":
         return None
     from lengthwise.cli.app import check_methods  # noqa: PLC0415
-    from lengthwise.registry import get_method, parse_method_spec  # noqa: PLC0415
+    from lengthwise.registry import get_method, is_scorer, parse_method_spec  # noqa: PLC0415
 
     check_methods([method])
     for name, _ in parse_method_spec(method):
-        if get_method(name).role in ("scoring", "none"):
+        if is_scorer(name) or get_method(name).role == "none":
             raise typer.BadParameter(
                 f"{name!r} is a scoring strategy, not a patch; Temp-LoRA already scores window by window. "
                 "Give a long-context patch for the window (e.g. yarn, lm-infinite) or none"

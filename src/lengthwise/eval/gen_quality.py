@@ -115,7 +115,7 @@ def _describe(spec: str) -> list[dict]:
     """The resolved config of every method in `spec` (defaults filled in), as `PatchHandle.describe()` gives it."""
     from dataclasses import asdict  # noqa: PLC0415
 
-    from lengthwise.registry import get_method, parse_method_spec  # noqa: PLC0415
+    from lengthwise.registry import get_entry, parse_method_spec  # noqa: PLC0415
 
-    return [{"method": name, **asdict(get_method(name).make_config(**options))}
+    return [{"method": name, **asdict(get_entry(name).make_config(**options))}
             for name, options in parse_method_spec(spec)]

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from lengthwise.api import patch
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
-from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, is_scoring, resolve_spec
+from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, resolve_spec
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
-from lengthwise.methods.baselines import resolve_sliding_window
-from lengthwise.registry import get_method, parse_method_spec
-from lengthwise.models.compat import cache_kwargs
+from lengthwise.registry import get_entry, parse_method_spec
+from lengthwise.scoring import open_scorer
+from lengthwise.static_decode import decoder_for
+from lengthwise.errors import UserError
 
 WARMUP_TOKENS = 32
 
@@ -150,53 +150,35 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
     model: `lengthwise.static_decode`; two untimed steps first, the first of them compiles and is checked against
     the eager step; the mode that ran is returned as `decode_mode`)."""
     device = ids.device
-    if is_scoring(spec):
-        window = resolve_sliding_window(spec, pretrain_length).window
-
-        def rescore_window(context: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=context[:, -window:], use_cache=False, logits_to_keep=1).logits[:, -1]
-
-        prefill, logits = _timed(lambda: rescore_window(ids), device)
-        context, times = ids, []
-        for _ in range(decode_steps):
-            context = torch.cat([context, logits.argmax(-1, keepdim=True)], dim=1)
-            seconds, logits = _timed(lambda c=context: rescore_window(c), device)
-            times.append(seconds)
-        return {"prefill_s": prefill, "decode_s": times, "cache_bytes": 0, "decode_mode": "eager"}
-    with patch(model, spec) as handle:
-        cache = handle.new_cache()
-        if cache is None:
-            from transformers import DynamicCache  # noqa: PLC0415
-
-            cache = DynamicCache(config=model.config)
-
-        def step(chunk: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    with open_scorer(model, spec) as scorer:
+        decoder = scorer.decoder()  # the method's cache (else a DynamicCache), or the sliding window's recomputation
+        chunk = chunk_size if decoder.cache is not None else None  # a recomputing decoder runs its last window once
 
         def prefill_chunks() -> torch.Tensor:
             out = None
-            for start in range(0, ids.shape[1], chunk_size or ids.shape[1]):
-                out = step(ids[:, start : start + (chunk_size or ids.shape[1])])
-            return out
+            for start in range(0, ids.shape[1], chunk or ids.shape[1]):
+                out = decoder.feed(ids[0, start : start + (chunk or ids.shape[1])])
+            return out[None]  # (1, V)
 
         prefill, logits = _timed(prefill_chunks, device)
-        extra, advance = {"decode_mode": "eager"}, step
+        extra, advance = {"decode_mode": "eager"}, (lambda token: decoder.feed(token[0])[None])
         if decode != "eager":
-            from lengthwise.static_decode import decoder_for  # noqa: PLC0415
-
-            decoder = decoder_for(model, cache, compile=decode == "compiled")
-            advance = decoder.step  # every later token on the static cache
+            if decoder.cache is None:
+                raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {spec!r}")
+            static = decoder_for(model, decoder.cache, compile=decode == "compiled")
+            advance = static.step  # every later token on the static cache
             warm = []
             for _ in range(2):  # the first compiles (when asked) and runs the eager check
                 seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): advance(t), device)
                 warm.append(round(seconds, 4))
-            extra = {"decode_mode": decoder.mode, "warmup_steps_s": warm, "check_gap": decoder.check_gap}
+            extra = {"decode_mode": static.mode, "warmup_steps_s": warm, "check_gap": static.check_gap}
         times = []
         for _ in range(decode_steps):
             seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): advance(t), device)
             times.append(seconds)
         # after decoding: bounded caches trim lazily, on the next update
-        held = cache_bytes(cache) if decode == "eager" else decoder.stored_bytes()
+        held = (cache_bytes(decoder.cache) if decoder.cache is not None else 0) if decode == "eager" \
+            else static.stored_bytes()
     return {"prefill_s": prefill, "decode_s": times, "cache_bytes": held, **extra}
 
 
@@ -261,7 +243,7 @@ def bench(
                 "cache_bytes": out["cache_bytes"],
                 "estimated_mib": round(estimate.total / 2**20, 1),
             }
-            describe = [{"method": name, **_asdict(get_method(name).make_config(**options))}
+            describe = [{"method": name, **_asdict(get_entry(name).make_config(**options))}
                         for name, options in parse_method_spec(spec)]
             record = make_record("bench", key, model=model_name, method=method, method_config=describe,
                                  data="random-ids", seed=seed, metrics=metrics, length=n, method_resolved=spec,

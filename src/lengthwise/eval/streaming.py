@@ -39,14 +39,12 @@ import torch
 
 from lengthwise.data.corpus import (CORPUS_NAMES, is_text_file, no_text_left, shared_data_root, stdlib_files,
                                     warn_skipped)
-from lengthwise.eval.perplexity import _token_nll, windows_nll
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file, remove_temp_files
-from lengthwise.models.compat import cache_kwargs
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
-from lengthwise.methods.baselines import resolve_sliding_window
-from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.registry import get_entry, parse_method_spec
+from lengthwise.scoring import open_scorer
 from lengthwise.errors import UserError
 
 CHECKPOINT_VERSION = 2  # 2: the cache as plain per-layer state (1 pickled the cache object)
@@ -327,9 +325,8 @@ def memory_now() -> dict:
 
 def unbounded_reason(method: str) -> str | None:
     """Why `method` cannot stream with bounded memory (from the registry, before any model is loaded), or None."""
-    parts = parse_method_spec(method)
-    roles = [get_method(name).role for name, _ in parts]
-    if roles[0] == "scoring" or "attention" in roles:
+    entries = [get_entry(name) for name, _ in parse_method_spec(method)]
+    if any(entry.role == "attention" or getattr(entry, "bounded", False) for entry in entries):
         return None
     return (f"method {method!r} has no bounded KV cache (its cache would hold every token of the stream); streaming "
             "perplexity needs one: lm-infinite, streaming, a combination with them (e.g. 'yarn:factor=4+lm-infinite'),"
@@ -340,148 +337,6 @@ def check_streamable(method: str) -> None:
     reason = unbounded_reason(method)
     if reason:
         raise UserError(reason)
-
-
-def _check_bounded_cache(method: str, cache) -> None:
-    from lengthwise.attention.cache import LambdaCache  # noqa: PLC0415
-
-    if not isinstance(cache, LambdaCache):
-        raise UserError(f"method {method!r} gives no bounded KV cache ({type(cache).__name__}); streaming "
-                         "perplexity needs lm-infinite, streaming or the sliding-window baseline")
-    growing = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keep_all", False)]
-    if growing:
-        raise UserError(f"method {method!r} keeps every key in the cache of layers {growing} (attention to the "
-                         "middle: top_k / top_blocks), so its memory grows with the stream; stream it without them")
-
-
-def _plain(value) -> bool:
-    """Whether `torch.load(weights_only=True)` reads `value` back (tensors, numbers, strings, dtypes, devices,
-    None, and tuples, lists and dicts of them)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.device)):
-        return True
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
-    return False
-
-
-class _CacheScorer:
-    """Chunks of `chunk_size` tokens through the patched model's bounded cache (as `nll_one_pass` with a cache)."""
-
-    def __init__(self, model, method: str, chunk_size: int) -> None:
-        from lengthwise.api import patch  # noqa: PLC0415
-
-        self.model, self.method, self.chunk_size = model, method, chunk_size
-        self.handle = patch(model, method)
-        try:
-            self.cache = self.handle.new_cache()
-            _check_bounded_cache(method, self.cache)
-        except BaseException:
-            self.handle.remove()
-            raise
-        self.method_config = self.handle.describe()
-        self.device = next(model.parameters()).device
-
-    def close(self) -> None:
-        self.handle.remove()
-
-    def lookahead(self, offset: int, n_tokens: int) -> int:
-        """Tokens the next step needs from `offset` on: the chunk, plus the target after it."""
-        return min(self.chunk_size + 1, n_tokens - offset)
-
-    @torch.no_grad()
-    def step(self, buffer: list[int], offset: int, n_tokens: int) -> tuple[int, int, torch.Tensor]:
-        """Feed the next chunk (buffer starts at `offset`); returns (tokens consumed, first target position, NLL of
-        the targets offset + 1, ...)."""
-        fed = min(self.chunk_size, n_tokens - offset)
-        scored = min(fed, n_tokens - 1 - offset)
-        ids = torch.tensor(buffer[: fed + 1], device=self.device)
-        logits = self.model(input_ids=ids[None, :fed], **cache_kwargs(self.model, self.cache), use_cache=True).logits[0]
-        return fed, offset + 1, _token_nll(logits[:scored], ids[1 : 1 + scored]).cpu()
-
-    def state(self) -> dict:
-        """The cache as plain data: per layer, its attributes (tensors, numbers, strings, dtypes, devices and
-        tuples/lists/dicts of them; views of one buffer stay views of it in the file). Never the cache object."""
-        layers = []
-        for index, layer in enumerate(self.cache.layers):
-            attributes = dict(vars(layer))
-            odd = sorted(name for name, value in attributes.items() if not _plain(value))
-            if odd:
-                raise UserError(f"layer {index} of the {type(self.cache).__name__} holds {', '.join(odd)}, which a "
-                                 "weights-only checkpoint cannot hold; this cache cannot be checkpointed")
-            layers.append(attributes)
-        return {"cache_class": type(self.cache).__name__,
-                "layer_classes": [type(x).__name__ for x in self.cache.layers], "layers": layers}
-
-    def restore(self, state: dict, offset: int) -> None:
-        fresh = self.cache  # a new cache of this method: the saved attributes go into its layers
-        layers = state.get("layers") if isinstance(state, dict) else None
-        same = isinstance(layers, list) and state.get("cache_class") == type(fresh).__name__ and \
-            state.get("layer_classes") == [type(x).__name__ for x in fresh.layers] and \
-            len(layers) == len(fresh.layers) and all(isinstance(saved, dict) and set(vars(layer)) <= set(saved)
-                                                     for saved, layer in zip(layers, fresh.layers))
-        if not same:
-            raise UserError("the checkpoint's KV cache was written by another version of lengthwise's bounded cache; "
-                             "delete the checkpoint to start the stream over")
-        for saved, layer in zip(layers, fresh.layers):
-            vars(layer).update(saved)
-        if fresh.get_seq_length() != offset:
-            raise UserError(f"the checkpoint's KV cache has seen {fresh.get_seq_length()} tokens, its offset says "
-                             f"{offset}; delete the checkpoint to start the stream over")
-
-
-class _SlidingWindowScorer:
-    """The sliding-window baseline over the stream (as `nll_sliding_window`): keeps only the last `window` tokens."""
-
-    def __init__(self, model, method: str, batch_size: int = 8) -> None:
-        setting = resolve_sliding_window(method, model_info(model).pretrain_length)
-        self.model, self.batch_size = model, batch_size
-        self.window, self.stride = setting.window, setting.stride
-        self.method_config = setting.describe()
-        self.tail: list[int] = []  # the last `window` tokens before `offset`
-        self.device = next(model.parameters()).device
-        import inspect  # noqa: PLC0415
-
-        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-
-    def close(self) -> None:
-        pass
-
-    def _ends(self, offset: int, n_tokens: int) -> list[int]:
-        if offset == 0:
-            return [min(self.window, n_tokens)]
-        return [min(offset + k * self.stride, n_tokens) for k in range(1, self.batch_size + 1)
-                if offset + (k - 1) * self.stride < n_tokens]
-
-    def lookahead(self, offset: int, n_tokens: int) -> int:
-        return self._ends(offset, n_tokens)[-1] - offset
-
-    @torch.no_grad()
-    def step(self, buffer: list[int], offset: int, n_tokens: int) -> tuple[int, int, torch.Tensor]:
-        """The next windows (up to `batch_size`); the first scores targets 1..window-1, each later one the `stride`
-        targets it adds: returns (tokens consumed, first target position, NLL)."""
-        ends = self._ends(offset, n_tokens)
-        context = self.tail + buffer[: ends[-1] - offset]  # positions offset - len(tail) ...
-        base = offset - len(self.tail)
-        ids = torch.tensor(context, device=self.device)
-        if offset == 0:  # the first window scores its own positions
-            first = ends[0]
-            logits = self.model(input_ids=ids[None, :first], use_cache=False).logits[0]
-            nll = _token_nll(logits[:-1], ids[1:first]).cpu()
-        else:
-            nll = windows_nll(self.model, ids, ends, self.window, offset, base, self.stride + 1 if self._keep else 0)
-        self.tail = context[-self.window :]
-        return ends[-1] - offset, max(offset, 1), nll
-
-    def state(self) -> dict:
-        return {"tail": list(self.tail)}
-
-    def restore(self, state: dict, offset: int) -> None:
-        self.tail = list(state["tail"])
-        if len(self.tail) != min(self.window, offset):
-            raise UserError("the checkpoint's sliding-window context does not match its offset; delete the "
-                             "checkpoint to start the stream over")
 
 
 # ------------------------------------------------------------------------------------------------------- the driver
@@ -538,10 +393,10 @@ def streaming_perplexity(
     n_tokens = parse_token_count(n_tokens, "n_tokens")
     results = results or ResultsFile(None)
     info = model_info(model)
-    scoring = get_method(parse_method_spec(method)[0][0]).role == "scoring"
+    chunked = getattr(get_entry(parse_method_spec(method)[0][0]), "chunked", True)  # a patch is fed in chunks
     check_streamable(method)
-    chunk_size = 0 if scoring else int(chunk_size or min(max(info.pretrain_length, 64), 2048))
-    if chunk_size < 0 or (not scoring and chunk_size < 1):
+    chunk_size = int(chunk_size or min(max(info.pretrain_length, 64), 2048)) if chunked else 0
+    if chunk_size < 0 or (chunked and chunk_size < 1):
         raise UserError(f"chunk size must be a positive integer, got {chunk_size}")
     edges = bucket_edges(n_tokens, num_buckets, bucket_scale)
     key = stream_key(model_name, method, data_name, n_tokens, chunk_size, f"{bucket_scale}{num_buckets}", seed)
@@ -556,8 +411,9 @@ def streaming_perplexity(
     ckpt = checkpoint_path(checkpoint_dir, key, method, n_tokens) if checkpoint_dir else None
     say = log or (lambda text: None)
 
-    scorer = _SlidingWindowScorer(model, method) if scoring else _CacheScorer(model, method, chunk_size)
+    scorer = open_scorer(model, method)
     try:
+        scored = scorer.stream(chunk_size)
         state = _load_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
         if state is not None:
             if state["key"] != key or state["fingerprint"] != fingerprint:
@@ -568,7 +424,7 @@ def streaming_perplexity(
             buffer, position = list(state["buffer"]), tuple(state["stream_position"])
             memory_log, elapsed, chunks, resumes = state["memory"], state["elapsed_s"], state["chunks"], \
                 state["resumes"] + 1
-            scorer.restore(state["scorer"], offset)
+            scored.restore(state["scorer"], offset)
             say(f"resuming {method} at token {offset:,} of {n_tokens:,} from {ckpt}")
         else:
             have = count_stream_tokens(sources, tokenizer, n_tokens, piece_chars)
@@ -595,7 +451,7 @@ def streaming_perplexity(
                 atomic_torch_save({"version": CHECKPOINT_VERSION, "key": key, "fingerprint": fingerprint,
                                    "offset": offset, "total_nll": total, "scored": scored_count, "buffer": buffer,
                                    "stream_position": stream.position(), "buckets": buckets.state(),
-                                   "scorer": scorer.state(), "memory": memory_log, "elapsed_s": elapsed,
+                                   "scorer": scored.state(), "memory": memory_log, "elapsed_s": elapsed,
                                    "chunks": chunks, "resumes": resumes}, ckpt)
             atomic_write_json(ckpt.with_suffix(".json"), snapshot)
 
@@ -609,7 +465,7 @@ def streaming_perplexity(
                     save("paused")
                     say(f"paused {method} at token {offset:,} of {n_tokens:,} (checkpoint {ckpt})")
                     return None
-                need = scorer.lookahead(offset, n_tokens)
+                need = scored.lookahead(offset, n_tokens)
                 if len(buffer) < need:
                     buffer += stream.take(need - len(buffer))
                     documents = max(documents, stream.document + 1)
@@ -617,7 +473,7 @@ def streaming_perplexity(
                         raise UserError(f"the stream ran out at token {offset + len(buffer):,} of {n_tokens:,} (its "
                                          "documents changed while it ran?)")
                 tick = time.perf_counter()
-                consumed, first_target, nll = scorer.step(buffer, offset, n_tokens)
+                consumed, first_target, nll = scored.step(buffer, offset, n_tokens)
                 buckets.add(first_target, nll)
                 total += nll.double().sum().item()
                 scored_count += len(nll)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lengthwise.registry import get_method, parse_method_spec
+from lengthwise.registry import context_length, get_entry, parse_method_spec
 from lengthwise.errors import UserError
 
 SCALE = "{s}"
@@ -42,13 +42,8 @@ def check_specs(methods: Sequence[str]) -> list[str]:
         parts = parse_method_spec(resolve_spec(spec, 2, 1))
         check_combination([name for name, _ in parts])
         for name, options in parts:
-            get_method(name).make_config(**options)
+            get_entry(name).make_config(**options)
     return list(methods)
-
-
-def is_scoring(spec: str) -> bool:
-    """True for evaluation strategies that are not patches (the sliding-window baseline)."""
-    return get_method(parse_method_spec(spec)[0][0]).role == "scoring"
 
 
 def check_lengths(lengths: Sequence[int], minimum: int, what: str = "length") -> list[int]:
@@ -120,9 +115,8 @@ def estimate_memory(model, length: int, method: str = "vanilla", batch: int = 1,
     layers = model_info(model).num_layers
     n = length
     parts = parse_method_spec(method)
-    roles = {get_method(name).role for name, _ in parts}
-    if "scoring" in roles:  # sliding-window: the model only ever runs over its training length
-        n = min(n, model_info(model).pretrain_length)
+    roles = {get_entry(name).role for name, _ in parts}
+    n = context_length(method, n, model_info(model).pretrain_length)  # the sliding window runs over fewer
     fused = getattr(config, "_attn_implementation", None) in FUSED_ATTENTION
     keys_per_query = min(n, attention_block) if "attention" in roles or fused else n
     kv = 2 * layers * kv_heads * head_dim * n * dtype_bytes * batch

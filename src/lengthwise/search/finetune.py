@@ -117,7 +117,7 @@ class FinetuneConfig:
 
 def method_parts(method: str) -> list[list]:
     """[[name, options], ...] of a method spec, the LongRoPE factor files read in (lists), checked by the registry."""
-    from lengthwise.registry import check_combination, get_method, parse_method_spec  # noqa: PLC0415
+    from lengthwise.registry import check_combination, get_method, is_scorer, parse_method_spec  # noqa: PLC0415
     from lengthwise.rope.factors import read_factors_file  # noqa: PLC0415
 
     try:
@@ -127,8 +127,7 @@ def method_parts(method: str) -> list[list]:
         raise UserError(str(err)) from None
     out = []
     for name, options in parts:
-        spec = get_method(name)
-        if spec.role == "scoring":
+        if is_scorer(name):
             raise UserError(f"{name!r} is a scoring strategy, not a patch; fine-tuning needs a RoPE method "
                             "(e.g. longrope:long_factors=FILE, linear:factor=8, yarn:factor=8)")
         options = dict(options)
@@ -141,7 +140,7 @@ def method_parts(method: str) -> list[list]:
                 options[key] = list(values)
                 options.setdefault("source", source)
         try:
-            spec.make_config(**options)
+            get_method(name).make_config(**options)
         except ValueError as err:
             raise UserError(str(err)) from None
         out.append([name, options])

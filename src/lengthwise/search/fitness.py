@@ -63,7 +63,7 @@ class PerplexityFitness:
     @torch.no_grad()
     def __call__(self, candidate: Candidate) -> float:
         from lengthwise.api import patch  # noqa: PLC0415
-        from lengthwise.eval.perplexity import nll_one_pass  # noqa: PLC0415
+        from lengthwise.scoring import nll_one_pass  # noqa: PLC0415
 
         previous = torch.get_num_threads()
         if self.threads:

@@ -228,7 +228,7 @@ def stage_progressive(args) -> None:
                     on_generation=lambda phase, row: print(phase, row, flush=True),
                     on_evaluation=lambda: fresh.append(1))
     wall = time.time() - start
-    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
 
     base_theta = rotary_layout(model).base
     seeds = {name: lam for name, lam, _ in progressive_seeds(previous["long_factors"], s0, s1, L, base_theta)}

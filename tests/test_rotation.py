@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lengthwise.models import compat
-from lengthwise.rope.rotation import rotary_layout, rotate, rotation_angles
+from lengthwise.models.rotary import rotary_layout
+from lengthwise.rope.rotation import rotate, rotation_angles
 from lengthwise.testing import ROPE_FAMILIES, tiny_model
 
 

@@ -41,7 +41,7 @@ from lengthwise.errors import UserError
 from lengthwise.models.compat import standard_rope_frequencies
 from lengthwise.models.families import context_length, shipped_rope_parameters
 from lengthwise.registry import check_combination, get_entry, get_method, parse_method_spec
-from lengthwise.rope.rotation import rotary_layout
+from lengthwise.models.rotary import rotary_layout
 from lengthwise.rope.scaling import base_inv_freq, frequency_gap
 from lengthwise.rope.shipped import original_length
 from lengthwise.rope.table import ROPE_METHODS, to_rope_parameters

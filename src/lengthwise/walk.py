@@ -163,7 +163,7 @@ def check_rope(model, method: str, options: dict) -> str:
     from lengthwise.errors import UnsupportedModelError  # noqa: PLC0415
     from lengthwise.methods.rope_scaling import model_geometry  # noqa: PLC0415
     from lengthwise.models.probe import probe_attention  # noqa: PLC0415
-    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
     from lengthwise.rope.table import make_plan  # noqa: PLC0415
 
     inside = _ids(LENGTH - 16)

@@ -26,7 +26,7 @@ from lengthwise.models.families import attention_route, model_info
 from lengthwise.models.probe import probe_attention
 from lengthwise.patching import Undo
 from lengthwise.rope.plan import POSITION_DEPENDENT_MARK
-from lengthwise.rope.rotation import rotary_layout
+from lengthwise.models.rotary import rotary_layout
 
 
 def require_single_frequency_set(model, method: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lengthwise.models.compat import cache_kwargs
+from lengthwise.models.compat import cache_kwargs, full_dynamic_layers
 from lengthwise.rope.plan import FrequencyPlan
 from lengthwise.rope.rotation import rotate
 from lengthwise.errors import UserError
@@ -29,18 +29,6 @@ class CacheRecord:
     seq_len: int  # the length whose frequencies the cached keys carry
     positions: torch.Tensor  # (B, n) positions of the cached tokens
     input_ids: torch.Tensor | None  # (B, n) their tokens (to rebuild the cache), None if fed as embeddings
-
-
-def full_dynamic_layers(cache) -> None:
-    """Refuse caches whose layers do not hold keys at positions 0..n-1 (sliding, quantised, ...)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: PLC0415
-
-    for index, layer in enumerate(cache.layers):
-        if not isinstance(layer, DynamicLayer) or isinstance(layer, DynamicSlidingWindowLayer):
-            raise UserError(
-                f"frequencies changed during decoding, and cache layer {index} is a {type(layer).__name__}: the cache "
-                f"can be updated only when it is a full DynamicCache (keys at positions 0..n-1)"
-            )
 
 
 def rerotate_cache(cache, plan: FrequencyPlan, positions: torch.Tensor, old_seq_len: int, seq_len: int) -> None:

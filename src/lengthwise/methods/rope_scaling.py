@@ -32,7 +32,7 @@ from lengthwise.rope import scaling
 from lengthwise.rope.table import to_rope_parameters
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.rope.plan import POSITION_DEPENDENT_MARK, FrequencyPlan
-from lengthwise.rope.rotation import RotaryLayout, rotary_layout
+from lengthwise.models.rotary import RotaryLayout, rotary_layout
 from lengthwise.rope.shipped import resolve_shipped
 from lengthwise.rope.table import (PAPER_LONGROPE, PAPER_NTK, PAPER_PI, PAPER_YARN, ROPE_METHODS, RopeMethod,
                                    make_plan)

@@ -17,7 +17,8 @@ import torch
 from lengthwise.attention.alibi import alibi_slopes as paper_slopes
 from lengthwise.attention.hf import attend
 from lengthwise.models.compat import cache_from_kwargs, gptj_rotary_table
-from lengthwise.rope.rotation import rotary_layout, rotate, rotation_angles
+from lengthwise.models.rotary import rotary_layout
+from lengthwise.rope.rotation import rotate, rotation_angles
 from lengthwise.errors import UserError
 
 

@@ -14,6 +14,8 @@ both ends). The differences handled here, each found by feature detection rather
   Bloom and MPT (attention not yet on `AttentionInterface`) refuse it, and for them the config's internal
   `_attn_implementation_internal` is written (it only routes their mask creation to lengthwise's O(n) padding mask).
 - cache layers: `generate()` asks `is_croppable` (5.24) before assisted decoding; bounded layers say False.
+- cache layers that hold keys at positions 0..n-1 (`DynamicLayer`, not the sliding kind): the only ones a change
+  of frequencies during decoding may rebuild or re-rotate (`full_dynamic_layers`).
 - static RoPE rescaling: a new rotary module of the model's own class, built from a copy of its config with
   `rope_parameters` set (transformers computes the frequencies), replaces the live one; nothing is written into
   the live module. Its constructor takes `config=` in every supported release.
@@ -29,6 +31,8 @@ from typing import Any
 
 import transformers
 from packaging.version import Version
+
+from lengthwise.errors import UserError
 
 TRANSFORMERS_VERSION = transformers.__version__
 SUPPORTED_TRANSFORMERS = ">=5.20,<5.26"  # keep equal to pyproject's dependency (a test checks)
@@ -170,3 +174,15 @@ def rotary_from_rope_parameters(rotary, rope_parameters: dict[str, Any]):
     config.rope_parameters = dict(rope_parameters)
     built = type(rotary)(config=config)
     return built.to(device=rotary.inv_freq.device, dtype=rotary.inv_freq.dtype)
+
+
+def full_dynamic_layers(cache) -> None:
+    """Refuse caches whose layers do not hold keys at positions 0..n-1 (sliding, quantised, ...)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: PLC0415
+
+    for index, layer in enumerate(cache.layers):
+        if not isinstance(layer, DynamicLayer) or isinstance(layer, DynamicSlidingWindowLayer):
+            raise UserError(
+                f"frequencies changed during decoding, and cache layer {index} is a {type(layer).__name__}: the cache "
+                f"can be updated only when it is a full DynamicCache (keys at positions 0..n-1)"
+            )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
-from lengthwise.rope.rotation import rotary_layout
+from lengthwise.models.rotary import rotary_layout
 from lengthwise.rope.scaling import RopeGeometry, ntk_base
 from lengthwise.errors import UserError
 

@@ -101,7 +101,7 @@ def direct_longrope_patch(model, candidate: Candidate, pretrain_length: int, att
 
     Long regime only (no switch). Replaces the forward of the model's rotary module (half layout models).
     """
-    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
     from lengthwise.rope.scaling import base_inv_freq  # noqa: PLC0415
 
     layout = rotary_layout(model)

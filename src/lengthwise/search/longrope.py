@@ -24,7 +24,7 @@ from lengthwise import locks
 from lengthwise.io import atomic_write_json, atomic_write_text, remove_temp_files
 from lengthwise.models.families import model_info, require_encoding
 from lengthwise.rope.factors import save_factors
-from lengthwise.rope.rotation import rotary_layout
+from lengthwise.models.rotary import rotary_layout
 from lengthwise.search.backends import RayBackend, SerialBackend, ray_available
 from lengthwise.search.checkpoint import load_checkpoint, save_checkpoint
 from lengthwise.search.evolution import EvolutionConfig, SearchState, evolve

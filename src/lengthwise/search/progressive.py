@@ -110,7 +110,7 @@ def extend(
     Other keyword arguments go to `lengthwise.search.longrope` (max_docs, out_dir, threads, short_length, ...).
     """
     from lengthwise.models.families import model_info  # noqa: PLC0415
-    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
     from lengthwise.search.longrope import longrope  # noqa: PLC0415
 
     prev = read_previous(previous)
@@ -211,7 +211,7 @@ def readjust(
     (the original frequencies), the long factors clipped into [1, ceiling], PI / NTK / YaRN at max(1, length/L).
     `short_max_factor`: ceiling (default 1.25 · max(1, short_length/L)). Serial only."""
     from lengthwise.models.families import model_info, require_encoding  # noqa: PLC0415
-    from lengthwise.rope.rotation import rotary_layout  # noqa: PLC0415
+    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
     from lengthwise.rope.scaling import longrope_attention_factor  # noqa: PLC0415
     from lengthwise.search.longrope import _digest, _run_phase, _tokenize, rope_parameters  # noqa: PLC0415
 

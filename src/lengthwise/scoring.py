@@ -286,7 +286,26 @@ class WindowStream:
 # -------------------------------------------------------------------------------------------------------- scorers
 
 
-class PatchScorer:
+def require_static_cache(decode: str, spec: str, cache) -> None:
+    """Refuse a static / compiled decode where the spec gives no cache to decode on (one line)."""
+    if decode != "eager" and cache is None:
+        raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {spec!r}")
+
+
+class _Scorer:
+    """What every scorer shares: `with` closes it."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PatchScorer(_Scorer):
     """The model patched with `spec` (the patch is removed by `close()`)."""
 
     def __init__(self, model, spec: str) -> None:
@@ -313,9 +332,8 @@ class PatchScorer:
         what the method keeps), or the static / compiled Λ decoder (`lengthwise.static_decode`)."""
         cache = self.handle.new_cache()
         kwargs = cache_kwargs(self.model, cache)
+        require_static_cache(decode, self.spec, cache)
         if decode != "eager":
-            if cache is None:
-                raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {self.spec!r}")
             logits = self.model(input_ids=input_ids, **kwargs, use_cache=True, logits_to_keep=1).logits[:, -1]
             return greedy_static(self.model, cache, logits, max_new_tokens, eos_token_id,
                                  compile=decode == "compiled")[0]
@@ -331,12 +349,6 @@ class PatchScorer:
 
     def close(self) -> None:
         self.handle.remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
@@ -357,7 +369,7 @@ class SlidingWindowConfig:
         return min(length, self.window or pretrain_length)
 
 
-class SlidingWindowScorer:
+class SlidingWindowScorer(_Scorer):
     """Every token scored (or generated) from the `window` tokens before it, the model recomputed each time."""
 
     def __init__(self, model, config: SlidingWindowConfig) -> None:
@@ -377,9 +389,7 @@ class SlidingWindowScorer:
                  decode: str = "eager") -> torch.Tensor:
         """Greedy tokens (T,): every step recomputes the model over the last `window` tokens (no cache); the speed
         users pay to keep a model inside its training length."""
-        if decode != "eager":
-            raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite; the sliding-window baseline "
-                            "has no cache (use decode='eager')")
+        require_static_cache(decode, "sliding-window", None)  # no cache: every step recomputes
         decoder, tokens = RecomputeDecoder(self.model, self.window), []
         logits = decoder.feed(input_ids[0].tolist())  # (V,)
         while len(tokens) < max_new_tokens:
@@ -391,15 +401,6 @@ class SlidingWindowScorer:
 
     def stream(self, chunk_size: int) -> WindowStream:
         return WindowStream(self.model, self.window, self.stride)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 register_scorer(

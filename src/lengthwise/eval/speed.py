@@ -24,9 +24,8 @@ from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, r
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import get_entry, parse_method_spec
-from lengthwise.scoring import open_scorer
+from lengthwise.scoring import open_scorer, require_static_cache
 from lengthwise.static_decode import decoder_for
-from lengthwise.errors import UserError
 
 WARMUP_TOKENS = 32
 
@@ -162,9 +161,8 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
 
         prefill, logits = _timed(prefill_chunks, device)
         extra, advance = {"decode_mode": "eager"}, (lambda token: decoder.feed(token[0])[None])
+        require_static_cache(decode, spec, decoder.cache)
         if decode != "eager":
-            if decoder.cache is None:
-                raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {spec!r}")
             static = decoder_for(model, decoder.cache, compile=decode == "compiled")
             advance = static.step  # every later token on the static cache
             warm = []

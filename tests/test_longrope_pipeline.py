@@ -203,7 +203,7 @@ def test_short_attention_factor_restores_the_original_model_below_L(docs, tmp_pa
         assert torch.equal(logits(model, 3 * L), long_only)  # past L: long factors and the long attention factor
     with patch(model, "longrope", long_factors=LONG, short_factors=ones, factor=4.0, attention_factor=1.2):
         assert not torch.allclose(logits(model, L), plain, atol=1e-3)  # one factor in both regimes changes short inputs
-    from lengthwise.rope.configs import LongRopeConfig
+    from lengthwise.rope.methods.longrope import LongRopeConfig
     from lengthwise.rope.table import to_rope_parameters
 
     with pytest.raises(ValueError, match="one attention_factor for both regimes"):

@@ -2,7 +2,11 @@ import pytest
 from typer.testing import CliRunner
 
 from lengthwise.cli import app
-from lengthwise.registry import check_combination, get_entry, get_method, method_names, parse_method_spec, spec_names
+from dataclasses import dataclass
+
+from lengthwise.methods.middle import MiddleConfig
+from lengthwise.registry import (check_combination, config_options, get_entry, get_method, method_names, option,
+                                 option_group, option_rows, parse_method_spec, register, spec_names)
 
 
 def test_unknown_method_lists_accepted():
@@ -23,6 +27,33 @@ def test_parse_spec_rejects_bad_option():
 def test_unknown_option_lists_accepted():
     with pytest.raises(ValueError, match="accepted: window, stride"):
         get_entry("sliding-window").make_config(windw=3)
+
+
+def test_a_group_is_its_own_config_spelled_flat():
+    """Middle retrieval is a config object of its own inside lm-infinite's, its options spelled beside the Λ's."""
+    spec = get_method("lm-infinite")
+    config = spec.make_config(n_local=64, top_blocks=2, retrieval_block=32)
+    assert config.n_local == 64 and config.middle == MiddleConfig(top_blocks=2, retrieval_block=32)
+    assert spec.make_config().middle == MiddleConfig() and not MiddleConfig().enabled
+    options = config_options(config)
+    assert spec.make_config(**options) == config and options["top_blocks"] == 2 and "middle" not in options
+    names = [row[0] for row in option_rows(spec.config_cls)]
+    assert names[:5] == ["n_global", "n_local", "distance_limit", "impl", "block"] and "middle_order" in names
+    with pytest.raises(ValueError, match="accepted: n_global, .*top_k, top_blocks"):
+        spec.make_config(top_kk=2)
+    with pytest.raises(ValueError, match="lm-infinite top_blocks must be a non-negative integer"):
+        spec.make_config(top_blocks=-2)
+
+
+def test_an_option_declared_twice_is_refused_at_registration():
+    @dataclass(frozen=True)
+    class Clashing:
+        top_k: int = option(0, "clashes with the group's top_k")
+        middle: MiddleConfig = option_group(MiddleConfig, "the group")
+
+    with pytest.raises(TypeError, match="'top_k' of Clashing is declared twice"):
+        register("clashing-test-method", Clashing, role="attention", summary="-")(lambda model, config: None)
+    assert "clashing-test-method" not in method_names()
 
 
 def test_invalid_value_is_named():

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lengthwise import api
-from lengthwise.methods.rope_scaling import LongRopeConfig, make_plan
+from lengthwise.rope.methods.longrope import LongRopeConfig
+from lengthwise.rope.table import make_plan
 from lengthwise.registry import check_combination, get_method
 from lengthwise.rope import scaling as S
 from lengthwise.rope.table import to_rope_parameters
@@ -327,13 +328,16 @@ def test_rerotate_mode_fixes_the_first_layer_and_shrinks_the_gap():
 
 
 def test_one_table_row_per_rope_method():
-    """Every rope-role method is one row of the table (config, plan, export), and the registry serves that config."""
+    """Every rope-role method is one row of the table (config, plan, export), defined in one module of its own, and
+    the registry serves that config."""
     from lengthwise.registry import method_names
     from lengthwise.rope.table import ROPE_METHODS
 
     assert sorted(ROPE_METHODS) == sorted(n for n in method_names() if get_method(n).role == "rope")
     for name, row in ROPE_METHODS.items():
         assert get_method(name).config_cls is row.config
+        home = f"lengthwise.rope.methods.{name.replace('-', '_')}"
+        assert {row.config.__module__, row.plan.__module__, row.export.__module__} == {home}, name
     # the patch and the export read LongRoPE's factors in one place: a wrong count is refused by both
     model = tiny_model("llama")  # head_dim 16 -> 8 frequencies
     with pytest.raises(ValueError, match="this model needs rotary_dim/2 = 8"):

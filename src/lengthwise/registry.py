@@ -10,7 +10,9 @@ sliding-window baseline). It is a config dataclass plus the scorer class it open
 with `register_scorer`; the same spec grammar names both, and `patch()` refuses a scoring strategy.
 
 Every field of a config carries its help text in its metadata (`option(default, "help")`), so the CLI and
-docs/methods.md describe each option from the same place the code reads it.
+docs/methods.md describe each option from the same place the code reads it. A field may hold a config object of its
+own (`option_group(MiddleConfig, "help")`: a part with its own options and checks); its options are spelled flat
+beside the method's own (`lm-infinite:n_local=4096,top_blocks=4`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class MethodSpec:
     paper: str = ""
     encodings: tuple[str, ...] = ("rope", "alibi")  # position encodings the method works on
     composable_with: tuple[str, ...] = field(default=())  # roles it may be stacked with; empty: any other role
+    chunked = True  # a stream feeds a patched model in chunks
+
+    @property
+    def bounded(self) -> bool:
+        """Whether its KV cache stays bounded over a stream (the attention methods own one)."""
+        return self.role == "attention"
 
     def make_config(self, **kwargs: Any) -> Any:
         return _make_config(self.name, self.config_cls, kwargs)
@@ -69,12 +77,27 @@ class ScorerSpec:
 
 
 def _make_config(name: str, config_cls: type, kwargs: dict) -> Any:
-    names = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(kwargs) - set(names))
+    """The config of flat options `kwargs`: each goes to the method's own field or to the group that declares it."""
+    owner = _option_owners(config_cls)
+    unknown = sorted(set(kwargs) - set(owner))
     if unknown:
         raise UserError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
-                        f"{', '.join(names) or '(none)'}")
-    return config_cls(**kwargs)
+                        f"{', '.join(owner) or '(none)'}")
+    own = {key: value for key, value in kwargs.items() if owner[key] is None}
+    for f in dataclasses.fields(config_cls):
+        group = _group_of(f)
+        if group is not None:
+            own[f.name] = group(**{key: value for key, value in kwargs.items() if owner[key] == f.name})
+    return config_cls(**own)
+
+
+def config_options(config: Any) -> dict[str, Any]:
+    """The flat options of a config (groups spelled out), the inverse of `make_config`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out.update(config_options(value) if _group_of(f) is not None else {f.name: value})
+    return out
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002 - the name the CLI and docs show
@@ -82,13 +105,47 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - the name the CLI and
     return field(default=default, metadata={"help": help})
 
 
+def check_positive(method: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    """Option `name` of `method` is a positive (or non-negative) integer, or None: else one line saying so."""
+    low = 0 if allow_zero else 1
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise UserError(f"{method} {name} must be {kind} integer, got {value!r}")
+
+
+def option_group(config_cls: type, help: str) -> Any:  # noqa: A002
+    """A config field holding a config object of its own (defaults: its defaults), its options spelled flat."""
+    return field(default_factory=config_cls, metadata={"help": help, "group": config_cls})
+
+
+def _group_of(f: dataclasses.Field) -> type | None:
+    return f.metadata.get("group")
+
+
+def _option_owners(config_cls: type) -> dict[str, str | None]:
+    """Every flat option name -> the group field holding it (None: the method's own field)."""
+    owners: dict[str, str | None] = {}
+    for f in dataclasses.fields(config_cls):
+        group = _group_of(f)
+        names = [g.name for g in dataclasses.fields(group)] if group is not None else [f.name]
+        for option_name in names:
+            if option_name in owners:
+                raise TypeError(f"option {option_name!r} of {config_cls.__name__} is declared twice")
+            owners[option_name] = f.name if group is not None else None
+    return owners
+
+
 def option_help(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
 
 
 def option_rows(config_cls: type) -> list[tuple[str, str, str]]:
-    """(name, default, help) of every option of a config dataclass, in field order."""
-    return [(f.name, _default_text(f), option_help(f)) for f in dataclasses.fields(config_cls)]
+    """(name, default, help) of every flat option of a config dataclass, in field order (a group's in its place)."""
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        group = _group_of(f)
+        rows += option_rows(group) if group is not None else [(f.name, _default_text(f), option_help(f))]
+    return rows
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -100,6 +157,7 @@ def register(name: str, config_cls: type, *, role: str, summary: str, paper: str
         raise UserError(f"unknown role {role!r}; accepted: {', '.join(ROLES)}")
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config of {name!r} must be a dataclass")
+    _option_owners(config_cls)  # an option declared twice (by a field and by a group) is refused here
 
     def decorator(apply: Callable[[Any, Any], Any]):
         if name in _SCORERS or (name in _REGISTRY and _REGISTRY[name].apply is not apply):
@@ -115,6 +173,7 @@ def register_scorer(name: str, config_cls: type, open: Callable[[Any, Any], Any]
     """Register a scoring strategy: `open(model, config)` returns its scorer (see `lengthwise.scoring`)."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config of {name!r} must be a dataclass")
+    _option_owners(config_cls)
     if name in _REGISTRY or (name in _SCORERS and _SCORERS[name].open is not open):
         raise UserError(f"method {name!r} is already registered")
     _SCORERS[name] = ScorerSpec(name, config_cls, open, summary, **extra)

@@ -411,14 +411,14 @@ def record_pass(model, ids: torch.Tensor, settings: DiagnoseSettings, train_leng
 # --------------------------------------------------------------------------------------------------- the whole task
 def check_method(spec: str) -> None:
     """Refuse, before any model loads, a method diagnose cannot record (one line)."""
-    from lengthwise.registry import get_method, is_scorer, parse_method_spec  # noqa: PLC0415
+    from lengthwise.registry import config_options, get_method, is_scorer, parse_method_spec  # noqa: PLC0415
 
     for name, options in parse_method_spec(spec):
         if is_scorer(name):
             raise UserError(f"method {name!r} scores each token by recomputing windows; diagnose records one "
                             f"forward pass (use vanilla, a RoPE method, lm-infinite or streaming)")
-        config = get_method(name).make_config(**options)
-        if getattr(config, "top_k", 0) or getattr(config, "top_blocks", 0):
+        resolved = config_options(get_method(name).make_config(**options))  # flat: the middle group's too
+        if resolved.get("top_k") or resolved.get("top_blocks"):
             raise UserError(f"{spec!r}: diagnose does not record middle retrieval (top_k / top_blocks select keys per "
                             f"forward call and query group, which blocks of queries would change); drop those options")
 

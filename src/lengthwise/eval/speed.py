@@ -23,7 +23,7 @@ from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, resolve_spec
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
-from lengthwise.registry import get_entry, parse_method_spec
+from lengthwise.registry import config_options, get_entry, parse_method_spec
 from lengthwise.scoring import open_scorer, require_static_cache
 from lengthwise.static_decode import decoder_for
 
@@ -241,7 +241,7 @@ def bench(
                 "cache_bytes": out["cache_bytes"],
                 "estimated_mib": round(estimate.total / 2**20, 1),
             }
-            describe = [{"method": name, **_asdict(get_entry(name).make_config(**options))}
+            describe = [{"method": name, **config_options(get_entry(name).make_config(**options))}
                         for name, options in parse_method_spec(spec)]
             record = make_record("bench", key, model=model_name, method=method, method_config=describe,
                                  data="random-ids", seed=seed, metrics=metrics, length=n, method_resolved=spec,
@@ -257,8 +257,3 @@ def bench(
             bar.advance(task)
     return records
 
-
-def _asdict(config) -> dict:
-    from dataclasses import asdict  # noqa: PLC0415
-
-    return asdict(config)

@@ -326,7 +326,7 @@ def memory_now() -> dict:
 def unbounded_reason(method: str) -> str | None:
     """Why `method` cannot stream with bounded memory (from the registry, before any model is loaded), or None."""
     entries = [get_entry(name) for name, _ in parse_method_spec(method)]
-    if any(entry.role == "attention" or getattr(entry, "bounded", False) for entry in entries):
+    if any(entry.bounded for entry in entries):
         return None
     return (f"method {method!r} has no bounded KV cache (its cache would hold every token of the stream); streaming "
             "perplexity needs one: lm-infinite, streaming, a combination with them (e.g. 'yarn:factor=4+lm-infinite'),"
@@ -393,7 +393,7 @@ def streaming_perplexity(
     n_tokens = parse_token_count(n_tokens, "n_tokens")
     results = results or ResultsFile(None)
     info = model_info(model)
-    chunked = getattr(get_entry(parse_method_spec(method)[0][0]), "chunked", True)  # a patch is fed in chunks
+    chunked = get_entry(parse_method_spec(method)[0][0]).chunked
     check_streamable(method)
     chunk_size = int(chunk_size or min(max(info.pretrain_length, 64), 2048)) if chunked else 0
     if chunk_size < 0 or (chunked and chunk_size < 1):

@@ -1,6 +1,7 @@
 """The RoPE rescaling family as reversible patches: linear (PI), ntk, dynamic-ntk, yarn, llama3, longrope.
 
-Each method is a row of `lengthwise.rope.table` (config, plan function, rope_parameters export); its plan
+Each method is a row of `lengthwise.rope.table`, defined in its module of `lengthwise.rope.methods` (config, plan
+function, rope_parameters export); its plan
 (`lengthwise.rope.plan`: sequence length -> inverse frequencies and attention factor, plus `n_hat`) is pure. Here one
 patch applies any plan to the model's shared rotary module:
 
@@ -29,20 +30,11 @@ from lengthwise.patching import Undo
 from lengthwise.errors import UnsupportedModelError, UserError
 from lengthwise.registry import register
 from lengthwise.rope import scaling
-from lengthwise.rope.table import to_rope_parameters
-from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
+from lengthwise.rope.method import RopeMethod
 from lengthwise.rope.plan import POSITION_DEPENDENT_MARK, FrequencyPlan
 from lengthwise.models.rotary import RotaryLayout, rotary_layout
 from lengthwise.rope.shipped import resolve_shipped
-from lengthwise.rope.table import (PAPER_LONGROPE, PAPER_NTK, PAPER_PI, PAPER_YARN, ROPE_METHODS, RopeMethod,
-                                   make_plan)
-
-__all__ = [
-    "POSITION_DEPENDENT_MARK", "ROPE_METHODS", "STANDARD_ATTENTION", "CacheRecord", "DynamicNtkConfig", "FrequencyPlan",
-    "LinearConfig", "Llama3Config", "LongRopeConfig", "NtkConfig", "PAPER_LONGROPE", "PAPER_NTK", "PAPER_PI",
-    "PAPER_YARN", "RopeMethod", "YarnConfig", "apply_plan", "make_plan", "model_geometry", "require_standard_attention",
-    "rerotate_cache",
-]
+from lengthwise.rope.table import ROPE_METHODS, to_rope_parameters
 
 # attention implementations that leave positions to the rotary embedding (anything else, e.g. a Λ-attention
 # that re-rotates keys itself, cannot follow per-position or changing frequencies)
@@ -229,7 +221,7 @@ def _apply(row: RopeMethod):
             raise UnsupportedModelError(f"{row.name!r}: no attention layer of this {model.config.model_type!r} model "
                                         f"rotates by its rotary module (NoPE attention), so rescaling it changes "
                                         f"nothing")
-        config = resolve_shipped(row.name, config, shipped_rope_parameters(model.config), model_info(model).pretrain_length)
+        config = resolve_shipped(row, config, shipped_rope_parameters(model.config), model_info(model).pretrain_length)
         plan = row.plan(config, model_geometry(model, layout, config.original_max_position_embeddings))
         if not plan.static:
             require_standard_attention(model, row.name, "with per-position or length-dependent frequencies")

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from lengthwise.attention.install import install_lambda
 from lengthwise.attention.pattern import LambdaPattern
-from lengthwise.methods.lm_infinite import BLOCK_HELP, IMPL_HELP, check_kernel, check_positive
+from lengthwise.methods.lm_infinite import BLOCK_HELP, IMPL_HELP, check_kernel
 from lengthwise.models.families import model_info
 from lengthwise.patching import Undo
-from lengthwise.registry import option, register
+from lengthwise.registry import check_positive, option, register
 from lengthwise.errors import UserError
 
 

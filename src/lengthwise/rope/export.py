@@ -9,8 +9,8 @@ frequencies. `dynamic-ntk` exports as transformers' "dynamic" type, which agrees
 the largest base it has seen and does not re-rotate cached keys (lengthwise's dynamic-ntk does both correctly).
 `longrope` without short factors exports with short_factor = long_factor (never switching).
 
-One export function per method, `(config, ExportTarget) -> entries to set`; the method table
-(`lengthwise.rope.table`) pairs each with its config and plan.
+Each method's module (`lengthwise.rope.methods`) holds its export function, `(config, ExportTarget) -> entries to
+set`; here is what they share.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.models.rotary import rotary_layout
-from lengthwise.rope.scaling import RopeGeometry, ntk_base
-from lengthwise.errors import UserError
 
 _CARRIED = ("rope_theta", "partial_rotary_factor")  # base settings kept from the model's own rope_parameters
 # methods of other roles that users may still try to export, and why they cannot be
@@ -57,46 +54,3 @@ class ExportTarget:
         config = self.model_or_config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return int(head_dim * self.params.get("partial_rotary_factor", 1.0))
-
-
-def linear_parameters(config: LinearConfig, target: ExportTarget) -> dict[str, Any]:
-    return {"rope_type": "linear", "factor": float(config.factor)}
-
-
-def ntk_parameters(config: NtkConfig, target: ExportTarget) -> dict[str, Any]:
-    g = RopeGeometry(target.rotary_dim, target.params["rope_theta"], target.length)
-    return {"rope_theta": ntk_base(g, config.factor)}
-
-
-def dynamic_ntk_parameters(config: DynamicNtkConfig, target: ExportTarget) -> dict[str, Any]:
-    if target.length != getattr(target.model_config, "max_position_embeddings", target.length):
-        raise UserError(
-            "transformers' dynamic rope reads L from max_position_embeddings; cannot export a different "
-            f"original_max_position_embeddings ({target.length})"
-        )
-    return {"rope_type": "dynamic", "factor": float(config.factor)}
-
-
-def yarn_parameters(config: YarnConfig, target: ExportTarget) -> dict[str, Any]:
-    params = {"rope_type": "yarn", "factor": float(config.factor), "original_max_position_embeddings": target.length,
-              "beta_fast": float(config.beta_fast), "beta_slow": float(config.beta_slow), "truncate": config.truncate}
-    if config.attention_factor is not None:
-        params["attention_factor"] = float(config.attention_factor)
-    return params
-
-
-def llama3_parameters(config: Llama3Config, target: ExportTarget) -> dict[str, Any]:
-    return {"rope_type": "llama3", "factor": float(config.factor), "original_max_position_embeddings": target.length,
-            "low_freq_factor": float(config.low_freq_factor), "high_freq_factor": float(config.high_freq_factor)}
-
-
-def longrope_parameters(config: LongRopeConfig, target: ExportTarget) -> dict[str, Any]:
-    long, short = config.factor_sets(target.rotary_dim)
-    long = list(long)
-    if config.short_attention(target.length) != config.attention(target.length):
-        raise UserError("transformers' longrope has one attention_factor for both regimes; longrope with a "
-                         "short_attention_factor other than attention_factor cannot be written as rope_parameters "
-                         "(keep the lengthwise patch)")
-    return {"rope_type": "longrope", "long_factor": long, "short_factor": list(short) if short is not None else long,
-            "factor": float(config.scale), "original_max_position_embeddings": target.length,
-            "attention_factor": config.attention(target.length)}

@@ -1,8 +1,8 @@
 """Frequency plans: what a RoPE rescaling method does to the rotary frequencies, independent of how it is patched in.
 
-A plan function takes a method's config and the model's geometry and returns a `FrequencyPlan`, built from the pure
-maths of `lengthwise.rope.scaling`. Static plans hold one frequency set; dynamic-ntk's follows the current length,
-and longrope with short factors switches at L. Nothing here touches a model.
+A method's plan function (`lengthwise.rope.methods`) takes its config and the model's geometry and returns a
+`FrequencyPlan`, built from the pure maths of `lengthwise.rope.scaling`. Static plans hold one frequency set;
+dynamic-ntk's follows the current length, and longrope with short factors switches at L. Nothing here touches a model.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from lengthwise.rope import scaling
-from lengthwise.rope.configs import DynamicNtkConfig, LinearConfig, Llama3Config, LongRopeConfig, NtkConfig, YarnConfig
 from lengthwise.rope.scaling import RopeGeometry
 
 # attribute set on the rotary module while a position-dependent plan is patched in (value: the method's name)
@@ -48,53 +47,11 @@ class FrequencyPlan:
         return angles, factor
 
 
-def _original(g: RopeGeometry) -> torch.Tensor:
+def original_inv_freq(g: RopeGeometry) -> torch.Tensor:
     return scaling.base_inv_freq(g.rotary_dim, g.base)
 
 
 def static_plan(g: RopeGeometry, result: tuple[torch.Tensor, float], n_hat: int) -> FrequencyPlan:
     """One frequency set at every length (`result` = (inv_freq, attention factor))."""
     inv_freq, factor = result
-    return FrequencyPlan(_original(g), lambda seq_len: (inv_freq, factor), n_hat=n_hat)
-
-
-def linear_plan(config: LinearConfig, g: RopeGeometry) -> FrequencyPlan:
-    return static_plan(g, scaling.linear_inv_freq(g, config.factor), config.n_hat)
-
-
-def ntk_plan(config: NtkConfig, g: RopeGeometry) -> FrequencyPlan:
-    return static_plan(g, scaling.ntk_inv_freq(g, config.factor), config.n_hat)
-
-
-def yarn_plan(config: YarnConfig, g: RopeGeometry) -> FrequencyPlan:
-    result = scaling.yarn_inv_freq(g, config.factor, config.beta_fast, config.beta_slow, config.attention_factor,
-                                   config.truncate)
-    return static_plan(g, result, config.n_hat)
-
-
-def llama3_plan(config: Llama3Config, g: RopeGeometry) -> FrequencyPlan:
-    result = scaling.llama3_inv_freq(g, config.factor, config.low_freq_factor, config.high_freq_factor)
-    return static_plan(g, result, config.n_hat)
-
-
-def dynamic_ntk_plan(config: DynamicNtkConfig, g: RopeGeometry) -> FrequencyPlan:
-    def scaled(seq_len: int) -> tuple[torch.Tensor, float]:
-        return scaling.dynamic_ntk_inv_freq(g, config.factor, seq_len)
-
-    # the base is the same for every length up to L, so those lengths share one regime
-    return FrequencyPlan(_original(g), scaled, lambda seq_len: max(seq_len, g.pretrain_length), config.n_hat, True)
-
-
-def longrope_plan(config: LongRopeConfig, g: RopeGeometry) -> FrequencyPlan:
-    long, short = config.factor_sets(g.rotary_dim)
-    factor = config.attention(g.pretrain_length)
-    long_freq = scaling.longrope_geometry_inv_freq(g, long)
-    if short is None:
-        return FrequencyPlan(_original(g), lambda seq_len: (long_freq, factor), n_hat=config.n_hat)
-    short_freq = scaling.longrope_geometry_inv_freq(g, short)
-    short_factor = config.short_attention(g.pretrain_length)
-
-    def switched(seq_len: int) -> tuple[torch.Tensor, float]:
-        return (long_freq, factor) if seq_len > g.pretrain_length else (short_freq, short_factor)
-
-    return FrequencyPlan(_original(g), switched, lambda seq_len: seq_len > g.pretrain_length, config.n_hat, True)
+    return FrequencyPlan(original_inv_freq(g), lambda seq_len: (inv_freq, factor), n_hat=n_hat)

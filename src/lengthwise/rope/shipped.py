@@ -5,7 +5,9 @@ without a word.
 - `shipped="compose"` (the default): a method of the shipped type composes with it. Its `factor` is relative to the
   shipped context: the shipped rope parameters are kept and their factor multiplied by the method's, so
   `yarn:factor=2` on a model shipping yarn factor 4 from 32768 runs yarn factor 8 from 32768 (twice the shipped
-  context). Composable: linear, yarn, llama3 and dynamic-ntk (transformers' "dynamic"). Any other option the user
+  context). Composable: a method whose row names the shipped type (`RopeMethod.shipped_type`: linear, yarn, llama3
+  and dynamic-ntk, transformers' "dynamic"); the row also names the options taken from the shipped parameters. Any
+  other option the user
   changed from its default is refused (the shipped value holds); a method of another type is refused, naming the
   shipped rope_type and the override.
 - `shipped="replace"`: the method rescales the unscaled frequencies (rope_theta) instead, from the length the shipped
@@ -16,21 +18,16 @@ without a word.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lengthwise.errors import UserError
+
+if TYPE_CHECKING:  # the method's row; its modules import this one
+    from lengthwise.rope.method import RopeMethod
 
 SHIPPED_HELP = ("on a model that ships scaled RoPE: 'compose' (the factor multiplies the shipped one: same rope type "
                 "only) or 'replace' (rescale the unscaled frequencies from the shipped original length)")
 SHIPPED_CHOICES = ("compose", "replace")
-# method -> the transformers rope_type it composes with
-COMPOSES_WITH = {"linear": "linear", "yarn": "yarn", "llama3": "llama3", "dynamic-ntk": "dynamic"}
-_KEPT = {  # the options a composed config takes from the shipped rope parameters (factor apart)
-    "linear": (),
-    "yarn": ("original_max_position_embeddings", "beta_fast", "beta_slow", "truncate"),
-    "llama3": ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
-    "dynamic-ntk": ("original_max_position_embeddings",),
-}
 _FREE = ("factor", "shipped", "n_hat", "on_change")  # options the user may still set when composing
 
 
@@ -55,8 +52,10 @@ def original_length(params: dict, context: int) -> int:
     return max(2, int(round(context / factor))) if isinstance(factor, (int, float)) and factor > 0 else context
 
 
-def resolve_shipped(method: str, config: Any, shipped: dict | None, context: int) -> Any:
-    """The config `method` really runs with on a model shipping `shipped` rope parameters (None: unscaled)."""
+def resolve_shipped(row: RopeMethod, config: Any, shipped: dict | None, context: int) -> Any:
+    """The config the method of `row` really runs with on a model shipping `shipped` rope parameters (None:
+    unscaled)."""
+    method = row.name
     if shipped is None:
         return config
     if config.shipped == "replace":
@@ -66,7 +65,7 @@ def resolve_shipped(method: str, config: Any, shipped: dict | None, context: int
     shipped_type = shipped.get("rope_type")
     override = (f"pass shipped=replace to rescale the unscaled frequencies from "
                 f"{original_length(shipped, context)} tokens instead (the shipped scaling is then not in force)")
-    if COMPOSES_WITH.get(method) != shipped_type:
+    if row.shipped_type is None or row.shipped_type != shipped_type:
         raise UserError(f"{method!r} cannot compose with the model's own RoPE scaling, {_describe(shipped)}; "
                         f"{override}")
     unsupported = sorted(k for k in ("mscale", "mscale_all_dim", "attention_factor") if shipped.get(k) is not None)
@@ -78,7 +77,7 @@ def resolve_shipped(method: str, config: Any, shipped: dict | None, context: int
     if changed:
         raise UserError(f"{method!r} composing with the model's {_describe(shipped)} takes "
                         f"{', '.join(changed)} from it; drop {'them' if len(changed) > 1 else 'it'}, or {override}")
-    kept = {name: shipped[name] for name in _KEPT[method] if shipped.get(name) is not None}
-    if method in ("yarn", "llama3") and "original_max_position_embeddings" not in kept:
+    kept = {name: shipped[name] for name in row.shipped_kept if shipped.get(name) is not None}
+    if row.shipped_needs_length and "original_max_position_embeddings" not in kept:
         kept["original_max_position_embeddings"] = original_length(shipped, context)
     return dataclasses.replace(config, factor=float(shipped.get("factor", 1.0)) * config.factor, **kept)

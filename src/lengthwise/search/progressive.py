@@ -10,7 +10,7 @@
   learned with it).
 - `readjust(model, tokenizer, documents, factors, short_length=L)`: LongRoPE's short-context recovery. The long
   factors fixed, a search at the training length L (or shorter) for short factors, which the `longrope` method
-  uses while a sequence fits L (`plan.longrope_plan`); past L the long factors apply, so long inputs are
+  uses while a sequence fits L (`rope.methods.longrope.longrope_plan`); past L the long factors apply, so long inputs are
   unchanged. `short_attention`: the cos/sin factor in the short regime (`longrope` option
   `short_attention_factor`, Phi-3.5's `short_mscale`); None keeps one factor in both regimes, as transformers'
   `rope_type: "longrope"` does (then the result is also exported as rope_parameters).

@@ -205,7 +205,7 @@ def test_a_gguf_llama_cpp_cannot_express_is_refused_before_loading(tmp_path, cap
     if installed_file(real) is None:
         pytest.skip(f"the real model is not installed ({real.install})")
     pytest.importorskip("gguf")
-    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("lengthwise.cli.export.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _, err = _cli(capsys, "--model", "smollm2-135m", "--method", "longrope:factor=2", "--out", tmp_path / "out",
                         "--gguf", tmp_path / "out.gguf")
     assert code == 2 and "cannot be written as a GGUF: llama.cpp reads LongRoPE factors only" in err

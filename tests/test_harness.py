@@ -22,7 +22,7 @@ def lm():
 
 
 def test_a_spec_that_does_not_parse_fails_before_loading(monkeypatch):
-    monkeypatch.setattr("lengthwise.api.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(harness, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="unknown method"):
         harness.LengthwiseLM(pretrained="llama-rope-256", method="no-such-method")
 

@@ -275,7 +275,7 @@ def test_compare_variants_table_and_plot(saved_lab, tmp_path, monkeypatch):
         lab_compare.parse_variant("alibi+sliding+logn", root)
     assert lab_compare.default_variants(root) == ["alibi", "alibi+sliding"]
     docs = [Document("a", "The grass is green. The sky is blue. The pass key is 12345. " * 20)]
-    monkeypatch.setattr("lengthwise.data.corpus.load_corpus", lambda name: docs)
+    monkeypatch.setattr(lab_compare, "load_corpus", lambda name: docs)
     results = tmp_path / "r.jsonl"
     records = lab_compare.compare(root, ["alibi", "alibi+logn", "alibi+sliding"], [1, 2], ["toy"], 1, results,
                                   tmp_path / "t.md", tmp_path / "p.png", progress=False,

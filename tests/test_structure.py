@@ -1,6 +1,7 @@
 """The package's structure, read from its imports: the core (what a user imports to patch a model) never imports the
-harness (evaluation, reports, search, lab, CLI), modules import each other in one direction (no cycle), and the core
-imports its own modules at the top of the file (a function-local import hides an edge)."""
+harness (evaluation, reports, search, lab, CLI), modules import each other in one direction (no cycle), and every
+module imports lengthwise's modules at the top of the file (a function-local import hides an edge), except a module
+that needs an optional dependency (an extra the harness does not install: lm-eval, Ray, datasets, gguf)."""
 
 import ast
 from pathlib import Path
@@ -67,9 +68,41 @@ def test_the_core_never_imports_the_harness():
     assert not upward, "\n".join(upward)
 
 
-def test_the_core_imports_its_modules_at_the_top():
-    hidden = [f"{a} -> {b} (line {line})" for a, b, top, line in IMPORTS if _unit(a) in CORE and not top]
+OPTIONAL = {"lm_eval", "ray", "datasets", "gguf"}  # third-party packages of extras beyond the harness's own
+
+
+def _needs_optional(module: str) -> bool:
+    """Whether importing `module` imports an optional dependency (at its top level, or through lengthwise modules it
+    imports at theirs)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = PACKAGE.joinpath(*name.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        if name in seen or not path.exists():
+            continue
+        seen.add(name)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                targets = [node.module or ""]
+            else:
+                continue
+            if any(t.split(".")[0] in OPTIONAL for t in targets):
+                return True
+            todo += [t for t in targets if t.startswith("lengthwise")]
+    return False
+
+
+def test_modules_import_lengthwise_at_the_top():
+    hidden = [f"{a} -> {b} (line {line})" for a, b, top, line in IMPORTS if not top and not _needs_optional(b)]
     assert not hidden, "\n".join(hidden)
+
+
+def test_an_optional_dependency_may_be_imported_inside_a_function():
+    assert _needs_optional("lengthwise.harness")  # lm-eval at its top
+    assert not _needs_optional("lengthwise.api") and not _needs_optional("lengthwise.eval.perplexity")
 
 
 def test_no_import_cycle():

@@ -40,7 +40,15 @@ from typing import Any
 
 import torch
 
+from lengthwise import __version__, session
+from lengthwise.api import patch
+from lengthwise.attention.cache import LambdaCache, LambdaCacheLayer
 from lengthwise.errors import UserError
+from lengthwise.eval.speed import _release_free_memory, cache_bytes
+from lengthwise.models.compat import cache_kwargs
+from lengthwise.registry import get_entry, get_method, is_scorer, parse_method_spec
+from lengthwise.session import model_identity
+from lengthwise.temp_lora import TempLoraSession
 
 DEFAULT_SYSTEM = ("You are a helpful assistant. The user asks questions about the document below; answer briefly, "
                   "from the document.")
@@ -161,8 +169,6 @@ class ReadStats:
 
 
 def cache_mib(cache) -> float | None:
-    from lengthwise.eval.speed import cache_bytes  # noqa: PLC0415
-
     held = cache_bytes(cache) if cache is not None else None
     return None if held is None else held / 2**20
 
@@ -195,9 +201,6 @@ class Conversation:
 
     def __init__(self, model, tokenizer, method: str = "vanilla", *, chunk_size: int = 2048,
                  system: str | None = None, seed: int = 0, model_name: str | None = None, temp_lora=None) -> None:
-        from lengthwise.api import patch  # noqa: PLC0415
-        from lengthwise.registry import get_entry, get_method, is_scorer, parse_method_spec  # noqa: PLC0415
-        from lengthwise.session import model_identity  # noqa: PLC0415
 
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -232,7 +235,6 @@ class Conversation:
         self.handle = None
         self.closed = False
         if temp_lora is not None:
-            from lengthwise.temp_lora import TempLoraSession  # noqa: PLC0415
 
             window_method = None if all(get_method(n).role == "none" for n, _ in parts) else method
             self.session = TempLoraSession(model, temp_lora, method=window_method)
@@ -280,7 +282,6 @@ class Conversation:
     @torch.no_grad()
     def _feed(self, ids: list[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Feed `ids` through the cache in chunks; returns the float32 logits after the last one (V,)."""
-        from lengthwise.models.compat import cache_kwargs  # noqa: PLC0415
 
         logits = None
         for start in range(0, len(ids), self.chunk_size):
@@ -308,7 +309,6 @@ class Conversation:
 
     def memory_bound(self) -> dict:
         """What the cache keeps: bounded (at most so many keys per layer, MiB) or growing (bytes per token)."""
-        from lengthwise.attention.cache import LambdaCache, LambdaCacheLayer  # noqa: PLC0415
 
         config = self.model.config.get_text_config(decoder=True)
         heads = getattr(config, "num_attention_heads", 1)
@@ -464,8 +464,6 @@ class Conversation:
     # ---- sessions ----------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
         """Save the cache and the conversation so far (lengthwise.session); `Conversation.load` restores them."""
-        from lengthwise import __version__  # noqa: PLC0415
-        from lengthwise import session  # noqa: PLC0415
 
         self._check_open()
         if self.session is not None:
@@ -488,7 +486,6 @@ class Conversation:
              chunk_size: int | None = None, seed: int = 0) -> Conversation:
         """A conversation restored from `save()`: refused in one line when it was saved for another model (config,
         weights, dtype) or another method (`method`, when given, must resolve to the saved one)."""
-        from lengthwise import session  # noqa: PLC0415
 
         folder = Path(folder)
         manifest = session.read_manifest(folder)
@@ -511,7 +508,6 @@ class Conversation:
             chat.rendered, chat.committed = conversation["rendered"], int(conversation["committed"])
             chat.pending = [int(t) for t in conversation["pending"]]
             chat.document_role, chat.system = conversation["document_role"], conversation["system"]
-            from lengthwise.eval.speed import _release_free_memory  # noqa: PLC0415
 
             _release_free_memory()  # each layer read from the file was copied into the cache's buffers: freed now
         except KeyError as err:

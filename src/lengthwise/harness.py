@@ -22,6 +22,8 @@ from pathlib import Path
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from lengthwise.api import load_model, patch
+from lengthwise.data.ruler import make_ruler_sample
 from lengthwise.eval.tasks import check_specs
 
 
@@ -33,8 +35,6 @@ def method_spec(text: str) -> str:
 @register_model("lengthwise")
 class LengthwiseLM(HFLM):
     def __init__(self, pretrained: str = "llama-rope-256", method: str = "vanilla", **kwargs) -> None:
-        from lengthwise.api import load_model, patch  # noqa: PLC0415
-
         spec = method_spec(method)
         check_specs([spec])  # a spec that does not parse fails before any model is loaded
         model, tokenizer = load_model(str(pretrained))
@@ -70,7 +70,6 @@ metric_list:
 def export_ruler_task(folder: str | Path, tokenizer, length: int, samples: int, depth: float = 0.5) -> str:
     """Write a RULER niah_single task (lengthwise's generator) as a harness task in `folder`: JSON lines + task YAML
     (generate_until, the first number of the answer, exact match). Returns the task name (for `--include_path`)."""
-    from lengthwise.data.ruler import make_ruler_sample  # noqa: PLC0415
 
     folder, name = Path(folder), f"lengthwise_niah_single_{length}"
     data = folder / f"{name}.json"

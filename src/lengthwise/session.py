@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lengthwise.attention.cache import LambdaCacheLayer, LambdaHybridLayer
+from lengthwise.attention.middle import BlockIndex
 from lengthwise.errors import UserError
 
 FORMAT = "lengthwise-session"
@@ -97,8 +99,6 @@ def check_identity(saved: dict, model, folder: Path, name: str | None = None) ->
 def _layer_state(index: int, layer) -> tuple[dict, dict[str, torch.Tensor]]:
     from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
 
-    from lengthwise.attention.cache import LambdaCacheLayer, LambdaHybridLayer  # noqa: PLC0415
-
     prefix = f"layers.{index}."
     if isinstance(layer, LambdaHybridLayer) or type(layer) not in (LambdaCacheLayer, DynamicLayer):
         raise UserError(f"cache layer {index} is a {type(layer).__name__}; a session saves attention caches only "
@@ -142,8 +142,6 @@ def cache_state(cache) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def restore_cache(fresh, description: dict, tensors: dict[str, torch.Tensor], folder: Path) -> None:
     """Fill `fresh` (a new cache of the same method and model) with the saved state."""
-    from lengthwise.attention.cache import LambdaCacheLayer  # noqa: PLC0415
-    from lengthwise.attention.middle import BlockIndex  # noqa: PLC0415
 
     layers = description.get("layers")
     if description.get("class") != type(fresh).__name__ or not isinstance(layers, list) or \

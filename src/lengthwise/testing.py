@@ -10,8 +10,9 @@ import functools
 
 import torch
 
-from lengthwise.models.families import ADAPTER_FAMILIES
 from lengthwise.errors import UserError
+from lengthwise.models.families import ADAPTER_FAMILIES
+from lengthwise.training.reference import train_tokenizer
 
 # The rows of the shared (method, family) test matrix: hand-written tiny configs of representative families, every
 # adapter family among them (a test checks). Every other RoPE type transformers registers is walked by
@@ -106,7 +107,6 @@ def left_padded_positions(B: int, T: int, pad: int) -> tuple[torch.Tensor, torch
 @functools.cache
 def tiny_tokenizer():
     """A small byte-level BPE tokenizer trained in code (no download), vocab <= 300."""
-    from lengthwise.training.reference import train_tokenizer  # noqa: PLC0415
 
     text = ("The grass is green. The sky is blue. The pass key is 12345. def main(): return 0\n" * 20)
     return train_tokenizer([text], 300)

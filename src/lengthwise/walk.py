@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lengthwise.errors import UserError
+import lengthwise
+from lengthwise import zoo
+from lengthwise.attention.cache import LambdaCacheLayer
+from lengthwise.errors import UnsupportedModelError, UserError
+from lengthwise.methods.rope_scaling import model_geometry
+from lengthwise.models.compat import cache_kwargs, layer_types_of
+from lengthwise.models.probe import probe_attention
+from lengthwise.models.rotary import rotary_layout
+from lengthwise.rope.table import make_plan
 
 LENGTH, WINDOW = 64, 16  # the tiny models' training length and own sliding window
 SMALL = dict(n_global=2, n_local=8, distance_limit=16)
@@ -65,17 +73,11 @@ def _logits(model, ids, **kwargs) -> torch.Tensor:
 
 
 def _has_recurrent_layers(model) -> bool:
-    from lengthwise.models.compat import layer_types_of  # noqa: PLC0415
-
     return any(t not in ("full_attention", "sliding_attention") for t, _ in layer_types_of(model.config))
 
 
 def check_lm_infinite(model, full: bool = False) -> str:
     """The checks of the module docstring; returns a detail line, raises Wrong or a refusal."""
-    import lengthwise  # noqa: PLC0415
-    from lengthwise.attention.cache import LambdaCacheLayer  # noqa: PLC0415
-    from lengthwise.models.compat import cache_kwargs  # noqa: PLC0415
-
     inside = _ids(LENGTH - 16)
     before = _logits(model, inside)
     impls = ("blocked", "eager") if full else ("blocked",)
@@ -127,8 +129,6 @@ def _own_cache_gap(model, ids) -> float:
     """Largest |Δlogit| between the unpatched model's cached decoding of the last 4 tokens and its recomputation."""
     from transformers import DynamicCache  # noqa: PLC0415
 
-    from lengthwise.models.compat import cache_kwargs  # noqa: PLC0415
-
     n = ids.shape[1]
     positions = torch.arange(n)[None]
     full = _logits(model, ids)
@@ -159,13 +159,6 @@ class Unverified(Exception):
 def check_rope(model, method: str, options: dict) -> str:
     """The method rescales every rotated layer to its plan's frequencies (read back from the layers' own calls), NoPE
     layers stay unrotated; dynamic-ntk changes nothing inside L. Raises Wrong, Unverified, or the method's refusal."""
-    import lengthwise  # noqa: PLC0415
-    from lengthwise.errors import UnsupportedModelError  # noqa: PLC0415
-    from lengthwise.methods.rope_scaling import model_geometry  # noqa: PLC0415
-    from lengthwise.models.probe import probe_attention  # noqa: PLC0415
-    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
-    from lengthwise.rope.table import make_plan  # noqa: PLC0415
-
     inside = _ids(LENGTH - 16)
     before = _logits(model, inside)
     try:
@@ -196,7 +189,6 @@ def check_rope(model, method: str, options: dict) -> str:
 
 def walk(types: list[str] | None = None, methods: tuple[str, ...] = METHODS, full: bool = False,
          on_outcome=None) -> list[Outcome]:
-    from lengthwise import zoo  # noqa: PLC0415
 
     outcomes = []
     for model_type in types or zoo.rope_causal_lm_types():

@@ -6,6 +6,11 @@ from typing import Annotated
 
 import typer
 
+from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models, check_device, resolve_dtype
+from lengthwise.errors import UserError
+from lengthwise.eval.tasks import resolve_spec
+from lengthwise.models.families import config_encoding
+from lengthwise.models.real import REAL_MODELS
 from lengthwise.registry import check_combination, get_entry, parse_method_spec, spec_names
 
 app = typer.Typer(
@@ -50,10 +55,6 @@ def declared_encoding(model: str) -> str | None:
     import json  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
-    from lengthwise.models.families import config_encoding  # noqa: PLC0415
-    from lengthwise.models.real import REAL_MODELS  # noqa: PLC0415
-
     if model in REAL_MODELS:
         return "rope"  # every registered real model is a Llama
     folder = REFERENCE_MODELS_DIR / model if model in bundled_models() else Path(model)
@@ -65,7 +66,6 @@ def declared_encoding(model: str) -> str | None:
 
 def check_methods_fit(model: str, methods: list[str]) -> None:
     """Refuse, before loading, a method whose position encoding the model does not use (e.g. yarn on ALiBi)."""
-    from lengthwise.eval.tasks import resolve_spec  # noqa: PLC0415
 
     encoding = declared_encoding(model)
     if encoding is None:
@@ -88,9 +88,6 @@ def check_device_dtype(device: str, dtype: str, ray: str | None = None) -> None:
     """Refuse, before anything loads, a device torch does not see here, a dtype it cannot run there (a tiny probe:
     `lengthwise.api.check_device`), and --device/--dtype with --ray (the workers load their own float32 copy)."""
     import importlib.util  # noqa: PLC0415
-
-    from lengthwise.api import check_device, resolve_dtype  # noqa: PLC0415
-    from lengthwise.errors import UserError  # noqa: PLC0415
 
     try:
         resolve_dtype(dtype)

@@ -9,10 +9,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models, load_model
+from lengthwise.cli.app import (DeviceOption, DtypeOption, METHODS_HELP, MODEL_HELP, app, check_device_dtype,
                                 check_methods, check_methods_fit, parse_int_list)
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 from lengthwise.cli.tasks import RayOption, ThreadsOption, WorkersOption, cell_pool
+from lengthwise.data.corpus import load_corpus
+from lengthwise.eval import streaming
+from lengthwise.eval.perplexity import perplexity
+from lengthwise.eval.results import ResultsFile
+from lengthwise.models.real import REAL_MODELS, installed_file
+from lengthwise.report.plots import plot_nll_by_position
+from lengthwise.report.tables import ppl_table
 
 console = Console()
 
@@ -21,9 +29,6 @@ console = Console()
 def list_models() -> None:
     """List the bundled tiny reference models and the registered real models (source, training length, where)."""
     import json  # noqa: PLC0415
-
-    from lengthwise.api import REFERENCE_MODELS_DIR, bundled_models  # noqa: PLC0415
-    from lengthwise.models.real import REAL_MODELS, installed_file  # noqa: PLC0415
 
     table = Table("model", "kind", "training length", "source", "where")
     for name in bundled_models():
@@ -78,12 +83,6 @@ def ppl_command(
         _ppl_stream(model, data, method, chunk_size, out, plot, quiet, stream_tokens, buckets, bucket_scale,
                     checkpoint_every, stop_after_chunks, not no_wait, device, dtype)
         return
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
-    from lengthwise.report.tables import ppl_table  # noqa: PLC0415
 
     length_list = parse_int_list(lengths)
     check_methods(method)
@@ -113,8 +112,6 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
     """`lengthwise ppl --stream-tokens N`: lengthwise.eval.streaming over the joined documents of --data."""
     import sys  # noqa: PLC0415
 
-    from lengthwise.eval import streaming  # noqa: PLC0415
-
     try:  # every check before the model is loaded
         n_tokens = streaming.parse_token_count(stream_tokens, "--stream-tokens")
         every = streaming.parse_token_count(checkpoint_every, "--checkpoint-every") if checkpoint_every else None
@@ -134,11 +131,6 @@ def _ppl_stream(model: str, data: str, methods: list[str], chunk_size: int, out:
     if n_tokens > streaming.EXACT_FLOAT32_POSITIONS:
         print(f"warning: positions beyond {streaming.EXACT_FLOAT32_POSITIONS:,} are not exact in float32; RoPE "
               "angles there lose precision (docs/evaluation.md)", file=sys.stderr)
-
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
-    from lengthwise.report.tables import ppl_table  # noqa: PLC0415
 
     lm, tokenizer = load_model(model, dtype=dtype, device=device)
     results = ResultsFile(out, wait=wait)

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+from lengthwise import session as sessions
+from lengthwise.api import load_model
+from lengthwise.chat import Conversation, resident_mib
+from lengthwise.cli.app import (DeviceOption, DtypeOption, METHODS_HELP, MODEL_HELP, app, check_device_dtype,
                                 check_methods, check_methods_fit)
+from lengthwise.cli.outputs import check_out_file
+from lengthwise.cli.temp_lora import build_config
+from lengthwise.data.corpus import non_text_reason
+from lengthwise.io import atomic_write_text
+from lengthwise.registry import is_scorer, parse_method_spec
 
 DEFAULT_METHOD = "lm-infinite"
 
@@ -19,8 +27,6 @@ def _err(text: str) -> None:
 
 
 def _read_document(path: Path) -> str:
-    from lengthwise.data.corpus import non_text_reason  # noqa: PLC0415
-
     if not path.exists():
         raise typer.BadParameter(f"--document {path} does not exist")
     if not path.is_file():
@@ -64,14 +70,10 @@ def _progress(quiet: bool):
 
 
 def _names(spec: str) -> list[str]:
-    from lengthwise.registry import parse_method_spec  # noqa: PLC0415
-
     return [name for name, _ in parse_method_spec(spec)]
 
 
 def _check_chat_method(spec: str) -> None:
-    from lengthwise.registry import is_scorer  # noqa: PLC0415
-
     for name in _names(spec):
         if is_scorer(name):
             raise typer.BadParameter(f"{name!r} is a scoring strategy with no KV cache; a conversation needs a cache: "
@@ -122,8 +124,6 @@ def chat_command(
 ) -> None:
     """Read a document once through METHOD's KV cache, then answer questions about it with the model's chat
     template, streaming the answer; the conversation goes on in the same cache (bounded for lm-infinite)."""
-    from lengthwise import session as sessions  # noqa: PLC0415
-    from lengthwise.cli.outputs import check_out_file  # noqa: PLC0415
 
     # every check before the model loads
     if (document is None) == (load_session is None):
@@ -150,7 +150,6 @@ def chat_command(
     check_out_file(stats, "--stats")
     config = None
     if temp_lora:
-        from lengthwise.cli.temp_lora import build_config  # noqa: PLC0415
 
         config = build_config(temp_lora_chunk, temp_lora_window, None, temp_lora_rank, 2.0 * temp_lora_rank,
                               "all-linear", temp_lora_lr, 1, True)
@@ -159,17 +158,12 @@ def chat_command(
 
         torch.set_num_threads(threads)
 
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.chat import Conversation  # noqa: PLC0415
-
     lm, tokenizer = load_model(model, dtype=dtype, device=device)
     record: dict = {"model": model, "method": spec, "device": str(next(lm.parameters()).device),
                     "dtype": str(next(lm.parameters()).dtype).removeprefix("torch."), "document": None,
                     "load_session": None if load_session is None else str(load_session), "read": None, "turns": []}
     if load_session is not None:
         import time  # noqa: PLC0415
-
-        from lengthwise.chat import resident_mib  # noqa: PLC0415
 
         start = time.perf_counter()
         chat = Conversation.load(load_session, lm, tokenizer, method, model_name=model, seed=seed)
@@ -231,6 +225,4 @@ def chat_command(
 
 
 def _write_stats(path: Path, record: dict) -> None:
-    from lengthwise.io import atomic_write_text  # noqa: PLC0415
-
     atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")

@@ -14,9 +14,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from lengthwise.api import load_model
 from lengthwise.cli.app import METHODS_HELP, MODEL_HELP, app, check_methods, check_methods_fit, parse_int_list
 from lengthwise.cli.outputs import NoWaitOption, check_out_dir, check_results
 from lengthwise.cli.tasks import ThreadsOption
+from lengthwise.data.corpus import load_corpus
+from lengthwise.eval.diagnose import DiagnoseSettings, check_method, diagnose
+from lengthwise.eval.results import ResultsFile
+from lengthwise.report.diagnose import diagnose_figures, diagnose_table, model_tag
 
 console = Console()
 
@@ -58,7 +63,6 @@ def diagnose_command(
 ) -> None:
     """Which of LM-Infinite's out-of-distribution factors a method removes: the last query's logits by distance,
     attention entropy by position, a PCA of hidden states; JSON lines and figures."""
-    from lengthwise.eval.diagnose import DiagnoseSettings, check_method  # noqa: PLC0415
 
     length_list = parse_int_list(lengths)
     check_methods(method)
@@ -71,21 +75,14 @@ def diagnose_command(
     check_out_dir(out)
     check_out_dir(figures, "--figures")
 
-    from lengthwise.report.diagnose import model_tag  # noqa: PLC0415
-
     results_path = out / f"diagnose_{model_tag(model)}.jsonl"
     check_results(results_path, "diagnose", wait=not no_wait)
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
 
     documents = load_corpus(data)
     if threads:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(threads)
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.eval.diagnose import diagnose  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.report.diagnose import diagnose_figures, diagnose_table  # noqa: PLC0415
 
     lm, tokenizer = load_model(model)
     recorded = layer_list if layer_list is not None else tuple(range(lm.config.num_hidden_layers))

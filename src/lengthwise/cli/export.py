@@ -7,8 +7,11 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype
+from lengthwise import export
+from lengthwise.api import load_model, resolve_model_path
+from lengthwise.cli.app import DeviceOption, DtypeOption, MODEL_HELP, app, check_device_dtype
 from lengthwise.cli.outputs import NoWaitOption, lock_output
+from lengthwise.models.real import find_gguf
 
 
 @app.command("export")
@@ -28,9 +31,6 @@ def export_command(
     """Write a RoPE method as settings engines read: an HF folder that plain transformers loads (logits equal to the
     patched model's), the vLLM / SGLang overrides and, from a GGUF source, a GGUF with llama.cpp's RoPE keys. What
     no engine can express is refused in one line. Written beside the target and renamed at the end."""
-    from lengthwise import export  # noqa: PLC0415
-    from lengthwise.api import load_model, resolve_model_path  # noqa: PLC0415
-    from lengthwise.models.real import find_gguf  # noqa: PLC0415
 
     started = time.perf_counter()
     try:  # before anything loads: a method no engine has, bad options, a file that is not a GGUF

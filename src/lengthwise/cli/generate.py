@@ -6,9 +6,14 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+from lengthwise.api import load_model
+from lengthwise.cli.app import (DeviceOption, DtypeOption, METHODS_HELP, MODEL_HELP, app, check_device_dtype,
                                 check_methods)
 from lengthwise.cli.outputs import check_out_dir
+from lengthwise.cli.temp_lora import build_config, check_window_method
+from lengthwise.generation import generate
+from lengthwise.temp_lora import TempLoraSession
+from lengthwise.temp_lora.adapter import check_targets
 
 
 @app.command("generate")
@@ -34,9 +39,6 @@ def generate_command(
     """Greedy generation after a prompt, with the model patched by METHOD (optionally with a Temp-LoRA)."""
     import torch  # noqa: PLC0415
 
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.generation import generate  # noqa: PLC0415
-
     if (prompt is None) == (prompt_file is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-file")
     check_methods([method])
@@ -46,7 +48,6 @@ def generate_command(
     check_out_dir(temp_lora_save, "--temp-lora-save")
     config = None
     if temp_lora:
-        from lengthwise.cli.temp_lora import build_config, check_window_method  # noqa: PLC0415
 
         config = build_config(temp_lora_chunk, temp_lora_window, None, temp_lora_rank, 2.0 * temp_lora_rank,
                               temp_lora_targets, temp_lora_lr, temp_lora_steps, True)
@@ -58,8 +59,6 @@ def generate_command(
         raise typer.BadParameter("the prompt is empty")
     ids = ids[-last_tokens:] if last_tokens else ids
     if config is not None:
-        from lengthwise.temp_lora import TempLoraSession  # noqa: PLC0415
-        from lengthwise.temp_lora.adapter import check_targets  # noqa: PLC0415
 
         try:
             check_targets(lm, config.target_modules)

@@ -8,6 +8,9 @@ import typer
 
 from lengthwise.cli.app import app
 from lengthwise.cli.outputs import NoWaitOption, check_out_dir, check_results
+from lengthwise.lab.compare import compare, default_variants, parse_variant
+from lengthwise.lab.encodings import ENCODINGS
+from lengthwise.lab.train import TrainConfig, train
 
 lab_app = typer.Typer(help="Position-encoding lab: train small models with each encoding, compare extrapolation.",
                       no_args_is_help=True)
@@ -15,8 +18,6 @@ app.add_typer(lab_app, name="lab")
 
 
 def _encodings_help() -> str:
-    from lengthwise.lab.encodings import ENCODINGS  # noqa: PLC0415
-
     return "position encoding, repeatable: " + ", ".join(ENCODINGS)
 
 
@@ -57,7 +58,6 @@ def train_command(
     threads: int = typer.Option(0, help="torch threads (0: default)"),
 ) -> None:
     """Train one small model per --pe with identical size, data, steps and seed (resumes from checkpoints)."""
-    from lengthwise.lab.train import TrainConfig, train  # noqa: PLC0415
 
     options = _parse_options(pe_options)
     if options and len(pe) > 1:
@@ -90,7 +90,6 @@ def compare_command(
     no_wait: NoWaitOption = False,
 ) -> None:
     """PPL of every variant at 1x..16x the training length; writes JSON lines, a Markdown table and a plot."""
-    from lengthwise.lab.compare import compare, default_variants, parse_variant  # noqa: PLC0415
 
     if not models.is_dir():
         raise typer.BadParameter(f"--models {models} is not a folder")

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import typer
 
+from lengthwise.api import load_model
 from lengthwise.cli.app import MODEL_HELP, app
 from lengthwise.cli.outputs import NoWaitOption, check_out_dir, lock_output
+from lengthwise.data.corpus import load_corpus
+from lengthwise.eval.perplexity import perplexity
+from lengthwise.eval.results import ResultsFile
+from lengthwise.models.families import model_info
+from lengthwise.search import EvolutionConfig
+from lengthwise.search.finetune import (FinetuneConfig, check_model, finetune, load_finetuned, method_parts,
+                                        read_manifest)
+from lengthwise.search.progressive import extend, read_previous, readjust
 
 longrope_app = typer.Typer(help="LongRoPE after the search: fine-tuning, progressive extension, short readjustment.",
                            no_args_is_help=True)
@@ -22,8 +31,6 @@ FINETUNED_HELP = "a `lengthwise longrope finetune` output folder (its base model
 
 
 def _evolution(population, parents, mutations, crossovers, iterations, seed):
-    from lengthwise.search import EvolutionConfig  # noqa: PLC0415
-
     try:
         return EvolutionConfig(population=population, parents=parents, mutations=mutations, crossovers=crossovers,
                                iterations=iterations, seed=seed)
@@ -38,8 +45,6 @@ def _show(phase: str, row: dict) -> None:
 
 def _load(model: str, finetuned: Path | None):
     """(model, tokenizer, name): the base model, or a fine-tuned folder loaded without its patch."""
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.search.finetune import load_finetuned, read_manifest  # noqa: PLC0415
 
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
@@ -58,8 +63,6 @@ def _load(model: str, finetuned: Path | None):
 def _first_stage(factors: Path | None, finetuned: Path | None) -> dict:
     """The first stage's factors (from --factors, or the --finetuned folder's), read and checked: one line when the
     folder is not a finished fine-tuning run or the file is missing or torn."""
-    from lengthwise.search.finetune import read_manifest  # noqa: PLC0415
-    from lengthwise.search.progressive import read_previous  # noqa: PLC0415
 
     if finetuned is not None:
         read_manifest(finetuned)
@@ -115,8 +118,6 @@ def finetune_command(
     no_wait: NoWaitOption = False,
 ) -> None:
     """Fine-tune at the target length with the RoPE factors fixed; the folder holds adapter + factors."""
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.search.finetune import FinetuneConfig, check_model, finetune, method_parts  # noqa: PLC0415
 
     if (length is None) == (scale is None):
         raise typer.BadParameter("give exactly one of --length or --scale")
@@ -127,7 +128,6 @@ def finetune_command(
     lm, tokenizer = None, None
     if length is None:
         lm, tokenizer, _ = _load(model, None)
-        from lengthwise.models.families import model_info  # noqa: PLC0415
 
         length = round(model_info(lm).pretrain_length * scale)
     config = FinetuneConfig(length=length, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
@@ -169,9 +169,6 @@ def finetune_command(
 def _ppl(lm, tokenizer, documents, length, method, max_docs, out, model_name, data_name, threads) -> float:
     import torch  # noqa: PLC0415
 
-    from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -207,8 +204,6 @@ def extend_command(
     no_wait: NoWaitOption = False,
 ) -> None:
     """Progressive extension: search factors for a longer target on the fine-tuned model, seeded from its factors."""
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.search.progressive import extend  # noqa: PLC0415
 
     if (target_length is None) == (scale is None):
         raise typer.BadParameter("give exactly one of --target-length or --scale")
@@ -252,8 +247,6 @@ def readjust_command(
     no_wait: NoWaitOption = False,
 ) -> None:
     """Short-context readjustment: search short factors at the training length, the long factors fixed."""
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.search.progressive import readjust  # noqa: PLC0415
 
     previous = _first_stage(factors, finetuned)
     if short_attention_factor is not None and not short_attention_factor > 0:

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lengthwise.cli.app import app
+from lengthwise.registry import get_entry, option_rows, registry_markdown, spec_names
 
 @app.command("methods")
 def list_methods(
@@ -19,7 +20,6 @@ def list_methods(
     markdown: bool = typer.Option(False, help="print the Markdown page docs/methods.md instead"),
 ) -> None:
     """List the registered methods (the same registry the API and docs read); with names, their options."""
-    from lengthwise.registry import get_entry, option_rows, registry_markdown, spec_names  # noqa: PLC0415
 
     if markdown:
         print(registry_markdown())

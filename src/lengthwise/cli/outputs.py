@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from lengthwise import locks
 
 RECORD_FIELDS = ("task", "key", "model", "method", "metrics")  # what every record of eval/results.py carries
 
@@ -45,7 +46,6 @@ def lock_output(path: Path, wait: bool = True) -> Path:
     """Lock `path` (a results file or an output folder) until the command ends; another run holding it: wait for
     it, or (`wait` False) stop with one line naming it. Outside a command (no click context) the lock is only
     tested here and taken again by the writer itself (`ResultsFile`, the search)."""
-    from lengthwise import locks  # noqa: PLC0415
 
     token = locks.acquire(path, wait=wait)
     ctx = _current_context()

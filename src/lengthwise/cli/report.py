@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from lengthwise.cli.app import app
+from lengthwise.cli.outputs import check_out_dir, read_records
+from lengthwise.report.build import build_report
+from lengthwise.report.tasks import TASKS
 
 
 @app.command("report")
@@ -16,9 +19,6 @@ def report_command(
     title: str = typer.Option("lengthwise results", help="title of report.md"),
 ) -> None:
     """Tables (Markdown) and plots (PNG) for any mix of results files, grouped by task."""
-    from lengthwise.cli.outputs import check_out_dir, read_records  # noqa: PLC0415
-    from lengthwise.report.build import build_report  # noqa: PLC0415
-    from lengthwise.report.tasks import TASKS  # noqa: PLC0415
 
     for path in results:  # every line a record of a task the report knows (a torn last line: warned, dropped)
         if path.is_file():

@@ -7,10 +7,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype, check_methods_fit
+from lengthwise.api import load_model
+from lengthwise.cli.app import DeviceOption, DtypeOption, MODEL_HELP, app, check_device_dtype, check_methods_fit
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
-from lengthwise.cli.tasks import (SCALED_HELP, RayOption, ThreadsOption, WorkersOption, _checked, _parse_numbers,
+from lengthwise.cli.tasks import (RayOption, SCALED_HELP, ThreadsOption, WorkersOption, _checked, _parse_numbers,
                                   cell_pool)
+from lengthwise.data.corpus import load_corpus
+from lengthwise.eval.passkey import check_depths
+from lengthwise.eval.results import ResultsFile
+from lengthwise.eval.ruler import MIN_LENGTH, check_tasks, ruler
+from lengthwise.eval.tasks import check_lengths, check_specs
+from lengthwise.report.tasks import plot_ruler_heatmap, ruler_tables
 
 console = Console()
 
@@ -37,12 +44,6 @@ def ruler_command(
     dtype: DtypeOption = "float32",
 ) -> None:
     """RULER-style tasks (needle variants, variable tracking, common words): recall by (method, task, length)."""
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.eval.passkey import check_depths  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.eval.ruler import MIN_LENGTH, check_tasks, ruler  # noqa: PLC0415
-    from lengthwise.eval.tasks import check_lengths, check_specs  # noqa: PLC0415
-    from lengthwise.report.tasks import plot_ruler_heatmap, ruler_tables  # noqa: PLC0415
 
     task_list = _checked(check_tasks, [t.strip() for t in tasks.split(",") if t.strip()])
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), MIN_LENGTH, "RULER length")
@@ -54,7 +55,6 @@ def ruler_command(
     check_out_file(plot, "--plot")
     text = None
     if haystack != "filler":
-        from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
 
         text = " ".join(doc.text for doc in _checked(load_corpus, haystack))
     pool = cell_pool(ray, workers, threads, model)

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype
+from lengthwise.api import load_model
+from lengthwise.cli.app import DeviceOption, DtypeOption, MODEL_HELP, app, check_device_dtype
 from lengthwise.cli.outputs import NoWaitOption, check_out_dir, lock_output
+from lengthwise.data.corpus import load_corpus
+from lengthwise.search import EvolutionConfig, longrope
+from lengthwise.search.backends import ray_available
 
 
 @app.command("search")
@@ -43,11 +47,6 @@ def search_command(
 ) -> None:
     """Search LongRoPE rescale factors λ_i (monotone, grid 0.01, in [1, 1.25 s]) and n_hat; fitness = perplexity."""
     from dataclasses import replace  # noqa: PLC0415
-
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.search import EvolutionConfig, longrope  # noqa: PLC0415
-    from lengthwise.search.backends import ray_available  # noqa: PLC0415
 
     if (target_length is None) == (scale is None):
         raise typer.BadParameter("give exactly one of --target-length or --scale")

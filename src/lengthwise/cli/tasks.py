@@ -12,9 +12,19 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lengthwise.cli.app import (METHODS_HELP, MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype,
+from lengthwise import distributed
+from lengthwise.api import load_model, resolve_dtype
+from lengthwise.cli.app import (DeviceOption, DtypeOption, METHODS_HELP, MODEL_HELP, app, check_device_dtype,
                                 check_methods_fit)
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
+from lengthwise.data.corpus import load_corpus
+from lengthwise.eval.cells import RayPool
+from lengthwise.eval.gen_quality import gen_quality
+from lengthwise.eval.passkey import MIN_PROMPT_TOKENS, check_depths, passkey
+from lengthwise.eval.results import ResultsFile
+from lengthwise.eval.speed import bench, build_llama
+from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib
+from lengthwise.report.tasks import plot_gen_quality, plot_passkey_heatmap, task_tables
 
 console = Console()
 
@@ -40,8 +50,6 @@ def cell_pool(ray: str | None, workers: int, threads: int, model: str):
         torch.set_num_threads(threads)
     if not ray:
         return None
-    from lengthwise import distributed  # noqa: PLC0415
-    from lengthwise.eval.cells import RayPool  # noqa: PLC0415
 
     if not distributed.ray_available():
         raise typer.BadParameter("--ray needs Ray: pip install 'lengthwise[ray]' (omit --ray to run the cells here)")
@@ -66,8 +74,6 @@ def _checked(fn, *args, **kwargs):
 
 
 def _print_tables(records: list[dict]) -> None:
-    from lengthwise.report.tasks import task_tables  # noqa: PLC0415
-
     console.print(task_tables(records))
 
 
@@ -91,11 +97,6 @@ def passkey_command(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Passkey retrieval accuracy by (method, length, depth): table, JSON lines, heat-map."""
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.eval.passkey import MIN_PROMPT_TOKENS, check_depths, passkey  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib  # noqa: PLC0415
-    from lengthwise.report.tasks import plot_passkey_heatmap  # noqa: PLC0415
 
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), MIN_PROMPT_TOKENS, "passkey length")
     depth_list = _checked(check_depths, _parse_numbers(depths, "depths", float))
@@ -134,12 +135,6 @@ def gen_quality_command(
     dtype: DtypeOption = "float32",
 ) -> None:
     """BLEU and ROUGE-L of 100 greedy tokens after an N-token prefix, by (method, N)."""
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.eval.gen_quality import gen_quality  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib  # noqa: PLC0415
-    from lengthwise.report.tasks import plot_gen_quality  # noqa: PLC0415
 
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 1, "prefix length")
     _checked(check_specs, method)
@@ -191,12 +186,6 @@ def bench_command(
     """Prefill latency, per-token decode latency and peak memory by (method, length), in one run."""
     import torch  # noqa: PLC0415
 
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.eval.speed import bench, build_llama  # noqa: PLC0415
-    from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib  # noqa: PLC0415
-
-    from lengthwise.api import resolve_dtype  # noqa: PLC0415
-
     check_device_dtype(device, dtype)
     if model == "llama" and device == "auto":
         raise typer.BadParameter("--device auto places a loaded model; the built model=llama takes cpu, cuda or cuda:N")
@@ -214,7 +203,6 @@ def bench_command(
         model_name = f"llama(hidden={hidden},layers={layers},heads={heads},kv_heads={kv_heads or heads},"
         model_name += f"mlp={mlp or 3 * hidden},vocab={vocab},train_length={train_length})"
     else:
-        from lengthwise.api import load_model  # noqa: PLC0415
 
         lm, _ = load_model(model, dtype=dtype, device=device)
         model_name = model

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import typer
 
-from lengthwise.cli.app import MODEL_HELP, DeviceOption, DtypeOption, app, check_device_dtype, parse_int_list
+from lengthwise.api import load_model
+from lengthwise.cli.app import (DeviceOption, DtypeOption, MODEL_HELP, app, check_device_dtype, check_methods,
+                                parse_int_list)
 from lengthwise.cli.outputs import NoWaitOption, check_results
+from lengthwise.data.corpus import load_corpus
+from lengthwise.eval.results import ResultsFile
+from lengthwise.registry import get_method, is_scorer, parse_method_spec
+from lengthwise.report.tables import markdown_table
+from lengthwise.temp_lora import TempLoraConfig
+from lengthwise.temp_lora.adapter import check_targets
+from lengthwise.temp_lora.evaluate import comparison_rows, pool, run_arm, select_documents
 
 temp_lora_app = typer.Typer(help="Temp-LoRA (Wang et al. 2024): a temporary LoRA trained at inference time on the "
                                  "text read.",
@@ -18,7 +27,6 @@ app.add_typer(temp_lora_app, name="temp-lora")
 def build_config(chunk: int, window: int, keep: int | None, rank: int, alpha: float, targets: str, lr: float,
                  steps: int, reuse_cache: bool, seed: int = 0):
     """TempLoraConfig from CLI options; a bad value becomes a usage error naming it."""
-    from lengthwise.temp_lora import TempLoraConfig  # noqa: PLC0415
 
     target_modules = targets if targets == "all-linear" else tuple(t.strip() for t in targets.split(",") if t.strip())
     try:
@@ -33,8 +41,6 @@ def check_window_method(method: str | None) -> str | None:
     """The long-context method for the window itself: a patch (not a scoring strategy), or none."""
     if not method or method == "vanilla":
         return None
-    from lengthwise.cli.app import check_methods  # noqa: PLC0415
-    from lengthwise.registry import get_method, is_scorer, parse_method_spec  # noqa: PLC0415
 
     check_methods([method])
     for name, _ in parse_method_spec(method):
@@ -73,13 +79,6 @@ def eval_command(
 ) -> None:
     """Score each chunk, then train the LoRA on it; report PPL by context position against no LoRA."""
     from dataclasses import replace  # noqa: PLC0415
-
-    from lengthwise.api import load_model  # noqa: PLC0415
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.report.tables import markdown_table  # noqa: PLC0415
-    from lengthwise.temp_lora.adapter import check_targets  # noqa: PLC0415
-    from lengthwise.temp_lora.evaluate import comparison_rows, pool, run_arm, select_documents  # noqa: PLC0415
 
     config = build_config(chunk, window, keep, rank, alpha, targets, lr, steps, reuse_cache)
     method = check_window_method(method)

@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lengthwise.api import load_model
 from lengthwise.distributed import require_ray, start_ray
+from lengthwise.errors import UserError
 from lengthwise.eval.results import ResultsFile
 from lengthwise.progress import progress_bar
-from lengthwise.errors import UserError
 
 # run(model, tokenizer, args, advance) -> record; advance(k) reports k units of the cell's work as done
 CellFunction = Callable[[Any, Any, Any, Callable[[int], None]], dict]
@@ -59,8 +60,6 @@ class _CellWorker:
 
     def __init__(self, model_name: str, threads: int) -> None:
         import torch  # noqa: PLC0415
-
-        from lengthwise.api import load_model  # noqa: PLC0415
 
         torch.set_num_threads(threads)
         self.model, self.tokenizer = load_model(model_name)

@@ -48,10 +48,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lengthwise.api import patch
+from lengthwise.attention.hf import score_mods
 from lengthwise.attention.pattern import LambdaPattern, ScoreMods, expand_heads
 from lengthwise.attention.reference import lambda_scores
+from lengthwise.data.corpus import documents_of_length
 from lengthwise.errors import UserError
+from lengthwise.eval.results import ResultsFile, cell_key, make_record
+from lengthwise.models.compat import switch_attn_implementation
+from lengthwise.models.families import attention_route, model_info
 from lengthwise.patching import Undo
+from lengthwise.progress import progress_bar
+from lengthwise.registry import config_options, get_method, is_scorer, parse_method_spec
 
 RECORD_NAME = "lengthwise_diagnose"
 UNBOUNDED = 1 << 40  # n_local of full causal attention
@@ -263,7 +271,6 @@ def layer_view(module, kwargs: dict):
     it, else full causal attention on the rotated q and k (its own sliding window kept)."""
     state = module.__dict__.get("_lengthwise_lambda")
     if state is not None:
-        from lengthwise.attention.hf import score_mods  # noqa: PLC0415
 
         return state.pattern, state.encoding_fn(), score_mods(state, kwargs)
     window = kwargs.get("sliding_window")
@@ -359,9 +366,6 @@ def record_pass(model, ids: torch.Tensor, settings: DiagnoseSettings, train_leng
     from transformers import AttentionInterface  # noqa: PLC0415
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: PLC0415
 
-    from lengthwise.models.compat import switch_attn_implementation  # noqa: PLC0415
-    from lengthwise.models.families import attention_route  # noqa: PLC0415
-
     if attention_route(model) != "interface" or not model._can_set_attn_implementation():
         raise UserError(f"diagnose records attention through transformers' AttentionInterface; model type "
                         f"{model.config.model_type!r} computes its attention inside its own modules")
@@ -411,7 +415,6 @@ def record_pass(model, ids: torch.Tensor, settings: DiagnoseSettings, train_leng
 # --------------------------------------------------------------------------------------------------- the whole task
 def check_method(spec: str) -> None:
     """Refuse, before any model loads, a method diagnose cannot record (one line)."""
-    from lengthwise.registry import config_options, get_method, is_scorer, parse_method_spec  # noqa: PLC0415
 
     for name, options in parse_method_spec(spec):
         if is_scorer(name):
@@ -442,7 +445,6 @@ def check_layers(settings: DiagnoseSettings, model) -> None:
 
 def pick_document(documents, tokenizer, length: int, data_name: str):
     """(name, ids) of the first document (corpus order) with at least `length` tokens."""
-    from lengthwise.data.corpus import documents_of_length  # noqa: PLC0415
 
     found = documents_of_length(documents, tokenizer, length, max_docs=1)
     if not found.docs:
@@ -457,10 +459,6 @@ def diagnose(model, tokenizer, documents, lengths: Sequence[int], methods: Seque
     """Records of every (method, length, layer): one forward pass per (method, length) over the first document with
     max(lengths) tokens, truncated to each length. Cells whose every layer is in `results` are skipped; a cell with
     some layers missing (a killed writer) runs again and appends only those."""
-    from lengthwise.api import patch  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile, cell_key, make_record  # noqa: PLC0415
-    from lengthwise.models.families import model_info  # noqa: PLC0415
-    from lengthwise.progress import progress_bar  # noqa: PLC0415
 
     results = results or ResultsFile(None)
     for spec in methods:

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from lengthwise.data.corpus import Document, documents_of_length
+from lengthwise.errors import UserError
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.tasks import check_lengths, check_specs, resolve_spec
 from lengthwise.generation import generate
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
-from lengthwise.errors import UserError
+from lengthwise.registry import get_entry, parse_method_spec
 
 
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
@@ -114,8 +115,6 @@ def gen_quality(
 def _describe(spec: str) -> list[dict]:
     """The resolved config of every method in `spec` (defaults filled in), as `PatchHandle.describe()` gives it."""
     from dataclasses import asdict  # noqa: PLC0415
-
-    from lengthwise.registry import get_entry, parse_method_spec  # noqa: PLC0415
 
     return [{"method": name, **asdict(get_entry(name).make_config(**options))}
             for name, options in parse_method_spec(spec)]

@@ -37,15 +37,15 @@ from pathlib import Path
 
 import torch
 
-from lengthwise.data.corpus import (CORPUS_NAMES, is_text_file, no_text_left, shared_data_root, stdlib_files,
+from lengthwise.data.corpus import (CORPUS_NAMES, hf_corpus, is_text_file, no_text_left, shared_data_root, stdlib_files,
                                     warn_skipped)
+from lengthwise.errors import UserError
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file, remove_temp_files
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import get_entry, parse_method_spec
 from lengthwise.scoring import open_scorer
-from lengthwise.errors import UserError
 
 CHECKPOINT_VERSION = 2  # 2: the cache as plain per-layer state (1 pickled the cache object)
 PIECE_CHARS = 1 << 16  # characters of whole lines tokenised at a time
@@ -115,7 +115,6 @@ def stream_sources(spec: str) -> list[StreamSource]:
                                         "the checkout or set LENGTHWISE_SHARED_DATA")
             sources += [StreamSource(f"pg19/{split}/{p.name}", p) for p in sorted(folder.glob("*.txt"))]
         elif item.startswith("hf:"):
-            from lengthwise.data.corpus import hf_corpus  # noqa: PLC0415
 
             sources += [StreamSource(d.name, text=d.text) for d in hf_corpus(item)]
         elif Path(item).is_file():

@@ -14,8 +14,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lengthwise.registry import context_length, get_entry, parse_method_spec
 from lengthwise.errors import UserError
+from lengthwise.models.families import model_info
+from lengthwise.registry import check_combination, context_length, get_entry, parse_method_spec
 
 SCALE = "{s}"
 
@@ -34,7 +35,6 @@ def resolve_spec(spec: str, length: int, pretrain_length: int) -> str:
 
 def check_specs(methods: Sequence[str]) -> list[str]:
     """Validate method specs (names, options, combination) before loading anything; `{s}` is tried as 2."""
-    from lengthwise.registry import check_combination  # noqa: PLC0415
 
     if not methods:
         raise UserError("no method given; accepted: a registered method spec such as 'vanilla' or 'yarn:factor={s}'")
@@ -100,7 +100,6 @@ def estimate_memory(model, length: int, method: str = "vanilla", batch: int = 1,
     adds SDPA's boolean n x n mask. Sliding-window never sees more than its window.
     `logits`: positions whose logits are computed (default all n).
     """
-    from lengthwise.models.families import model_info  # noqa: PLC0415
 
     config = model.config
     param = next(model.parameters())

@@ -19,8 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lengthwise.lab.model import LAB_MARKER, load_lab_model
+from lengthwise.data.corpus import load_corpus
 from lengthwise.errors import UserError
+from lengthwise.eval.perplexity import perplexity
+from lengthwise.eval.results import ResultsFile
+from lengthwise.io import atomic_write_text, read_jsonl
+from lengthwise.lab.model import LAB_MARKER, load_lab_model
+from lengthwise.report.plots import _pyplot, plot_nll_by_position, save_figure
+from lengthwise.report.tables import markdown_table, pivot
 
 TRICKS = ("logn", "local", "blockwise", "sliding")
 # the inference tricks worth showing by default, on the models where the survey proposes them
@@ -90,10 +96,6 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
             progress: bool = True, position_plot: str | Path | None = None, wait: bool = True) -> list[dict]:
     """Score every (variant, data, factor) cell (skipping cells already in `results`); write the table, the plot
     and (with `position_plot`) the NLL by position at the longest length. `wait`: see `ResultsFile`."""
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
-    from lengthwise.eval.perplexity import perplexity  # noqa: PLC0415
-    from lengthwise.eval.results import ResultsFile  # noqa: PLC0415
-    from lengthwise.io import atomic_write_text  # noqa: PLC0415
 
     parsed = [parse_variant(v, root) for v in variants]  # validate all before any heavy work
     if not factors or any(int(f) < 1 for f in factors):
@@ -115,7 +117,6 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
     if plot:
         plot_comparison(records, plot)
     if position_plot:
-        from lengthwise.report.plots import plot_nll_by_position  # noqa: PLC0415
 
         longest = max(r["length"] for r in records)
         plot_nll_by_position([{**r, "method": r["model"].removeprefix("lab:")} for r in records
@@ -127,7 +128,6 @@ def compare(root: str | Path, variants: Sequence[str], factors: Sequence[int], d
 def render(results: str | Path, root: str | Path, variants: Sequence[str], data: Sequence[str],
            table: str | Path, plot: str | Path) -> list[dict]:
     """Table and plot from the stored records of `variants` on `data` (no scoring), in the variants' order."""
-    from lengthwise.io import atomic_write_text, read_jsonl  # noqa: PLC0415
 
     order = {f"lab:{v}": i for i, v in enumerate(variants)}
     records = [r for r in read_jsonl(results)
@@ -145,7 +145,6 @@ def comparison_table(records: list[dict], root: str | Path | None = None) -> str
     plus the final training loss of the model when its `training.json` is found under `root`, and, at the longest
     length, PPL / PPL of the model's own sliding-window reference (1.00: no loss from the long context; > 1: the
     model does worse with the whole input than with its last training-length tokens)."""
-    from lengthwise.report.tables import markdown_table, pivot  # noqa: PLC0415
 
     blocks = []
     for data in dict.fromkeys(r["data"] for r in records):
@@ -178,7 +177,6 @@ def plot_comparison(records: list[dict], path: str | Path) -> None:
     by the model's own sliding-window PPL at the same length, for every variant whose model has that reference:
     each length uses its own documents, and the ratio removes that, leaving what the long input costs (1 = nothing).
     One colour per model; its tricks are dashed / dotted."""
-    from lengthwise.report.plots import _pyplot, save_figure  # noqa: PLC0415
 
     plt = _pyplot()
     datas = list(dict.fromkeys(r["data"] for r in records))

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from lengthwise.data.corpus import load_corpus
+from lengthwise.errors import UserError
 from lengthwise.io import atomic_torch_save, atomic_write_json, load_torch_file, remove_temp_files
 from lengthwise.lab.encodings import encoding_config
 from lengthwise.lab.model import LAB_MARKER, LabConfig, LabModel, save_lab_model
-from lengthwise.errors import UserError
 
 DATA_CHOICES = ("stdlib", "pg19", "mix")
 
@@ -72,7 +73,6 @@ def default_tokenizer():
 
 def token_stream(data: str, tokenizer, max_chars: int, cache_dir: Path) -> torch.Tensor:
     """(N,) int32 tokens of the training text (documents joined by EOS), cached by (data, max_chars, vocab)."""
-    from lengthwise.data.corpus import load_corpus  # noqa: PLC0415
 
     tag = hashlib.sha1(f"{data}|{max_chars}|{len(tokenizer)}".encode()).hexdigest()[:10]
     cache = cache_dir / f"tokens-{data}-{tag}.pt"

@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from lengthwise.methods.rope_cache import CacheRecord, CacheSync, rerotate_cache
+from lengthwise.errors import UnsupportedModelError, UserError
+from lengthwise.methods.rope_cache import CacheSync
 from lengthwise.models.compat import (PatchNotInForce, cache_from_kwargs, rotary_from_rope_parameters,
                                       standard_rope_frequencies)
 from lengthwise.models.families import model_info, shipped_rope_parameters
 from lengthwise.models.probe import probe_attention
+from lengthwise.models.rotary import RotaryLayout, rotary_layout
 from lengthwise.patching import Undo
-from lengthwise.errors import UnsupportedModelError, UserError
 from lengthwise.registry import register
 from lengthwise.rope import scaling
 from lengthwise.rope.method import RopeMethod
-from lengthwise.rope.plan import POSITION_DEPENDENT_MARK, FrequencyPlan
-from lengthwise.models.rotary import RotaryLayout, rotary_layout
+from lengthwise.rope.plan import FrequencyPlan, POSITION_DEPENDENT_MARK
 from lengthwise.rope.shipped import resolve_shipped
 from lengthwise.rope.table import ROPE_METHODS, to_rope_parameters
 

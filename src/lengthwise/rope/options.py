@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lengthwise.rope.shipped import SHIPPED_HELP, check_shipped_option
 from lengthwise.errors import UserError
+from lengthwise.rope.shipped import check_shipped_option
 
 # help shared by every method of the family
 N_HAT_HELP = "positions < n_hat keep the original frequencies (LongRoPE's un-interpolated start tokens)"

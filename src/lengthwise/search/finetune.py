@@ -42,8 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from lengthwise import locks
+from lengthwise.api import load_model, patch
 from lengthwise.errors import UserError
 from lengthwise.io import atomic_write_json, atomic_write_text, remove_temp_files
+from lengthwise.models.families import model_info, require_encoding
+from lengthwise.registry import check_combination, get_method, is_scorer, parse_method_spec
+from lengthwise.rope.factors import read_factors_file, save_factors
+from lengthwise.temp_lora.adapter import check_targets
 
 FORMAT_VERSION = 1
 MANIFEST = "finetune.json"
@@ -117,8 +122,6 @@ class FinetuneConfig:
 
 def method_parts(method: str) -> list[list]:
     """[[name, options], ...] of a method spec, the LongRoPE factor files read in (lists), checked by the registry."""
-    from lengthwise.registry import check_combination, get_method, is_scorer, parse_method_spec  # noqa: PLC0415
-    from lengthwise.rope.factors import read_factors_file  # noqa: PLC0415
 
     try:
         parts = parse_method_spec(method)
@@ -211,8 +214,6 @@ def attach_lora(model, config: FinetuneConfig) -> None:
     """A fresh peft LoRA in place (B = 0: the logits are unchanged at first), base weights frozen."""
     from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
 
-    from lengthwise.temp_lora.adapter import check_targets  # noqa: PLC0415
-
     if "peft_config" in model.__dict__:
         raise UserError("the model already carries a peft adapter; fine-tune a plain model (or merge the adapter)")
     try:
@@ -244,8 +245,6 @@ def set_checkpointing(model, enabled: bool) -> None:
 def check_model(model, config: FinetuneConfig) -> None:
     """Refuse, before any work, a model `config` cannot fine-tune: not RoPE, a length that does not extend its
     training length, LoRA targets that match no linear layer."""
-    from lengthwise.models.families import model_info, require_encoding  # noqa: PLC0415
-    from lengthwise.temp_lora.adapter import check_targets  # noqa: PLC0415
 
     require_encoding(model, "fine-tuning at the target length", ("rope",))
     pretrain = model_info(model).pretrain_length
@@ -491,7 +490,6 @@ def finetune(
     with the same fingerprint is loaded instead of retrained. Returns with the model fine-tuned, patched
     (`result.handle`) and in eval mode.
     """
-    from lengthwise.api import patch  # noqa: PLC0415
 
     parts = method_parts(method)
     check_model(model, config)
@@ -522,8 +520,6 @@ def finetune(
 
 
 def _train(model, tokenizer, parts, method, config, windows, fingerprint, out, model_name, on_step, stop_after):
-    from lengthwise.api import patch  # noqa: PLC0415
-
     if config.full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -627,7 +623,6 @@ def _write_outputs(model, tokenizer, parts, method, config, fingerprint, out, mo
     files = {"adapter": "model" if config.full else "adapter"}
     longrope = [options for name, options in parts if name == "longrope"]
     if longrope:
-        from lengthwise.rope.factors import save_factors  # noqa: PLC0415
 
         opts = longrope[0]
         extra = {k: v for k, v in opts.items() if k not in ("long_factors", "short_factors") and v is not None}
@@ -714,7 +709,6 @@ def load_finetuned(folder: str | Path, base_model: str | None = None, *, dtype: 
     manifest names) with the saved LoRA adapter, or the fully fine-tuned weights, patched with the method it was
     fine-tuned with (`handle.remove()` takes the patch off; the adapter stays). `patch_method` False: no patch
     (handle None), e.g. to patch with other factors (the progressive search, the short readjustment)."""
-    from lengthwise.api import load_model, patch  # noqa: PLC0415
 
     folder = Path(folder)
     manifest = read_manifest(folder)

@@ -13,9 +13,13 @@ from typing import Any
 
 import torch
 
-from lengthwise.patching import Undo
-from lengthwise.search.space import Candidate
+from lengthwise.api import load_model, patch
 from lengthwise.errors import UserError
+from lengthwise.models.rotary import rotary_layout
+from lengthwise.patching import Undo
+from lengthwise.rope.scaling import base_inv_freq, longrope_attention_factor
+from lengthwise.scoring import nll_one_pass
+from lengthwise.search.space import Candidate
 
 
 @dataclass
@@ -62,9 +66,6 @@ class PerplexityFitness:
 
     @torch.no_grad()
     def __call__(self, candidate: Candidate) -> float:
-        from lengthwise.api import patch  # noqa: PLC0415
-        from lengthwise.scoring import nll_one_pass  # noqa: PLC0415
-
         previous = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -89,8 +90,6 @@ class PerplexityFitness:
         return value if math.isfinite(value) else math.inf
 
     def _attention(self) -> float:
-        from lengthwise.rope.scaling import longrope_attention_factor  # noqa: PLC0415
-
         if self.attention_factor is not None:
             return float(self.attention_factor)
         return longrope_attention_factor(self.scale, self.pretrain_length)
@@ -101,8 +100,6 @@ def direct_longrope_patch(model, candidate: Candidate, pretrain_length: int, att
 
     Long regime only (no switch). Replaces the forward of the model's rotary module (half layout models).
     """
-    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
-    from lengthwise.rope.scaling import base_inv_freq  # noqa: PLC0415
 
     layout = rotary_layout(model)
     rotary = layout.rotary_module
@@ -137,7 +134,6 @@ class FitnessFactory:
 
     def __call__(self) -> PerplexityFitness:
         if isinstance(self.model, str):
-            from lengthwise.api import load_model  # noqa: PLC0415
 
             model, _ = load_model(self.model)
         else:

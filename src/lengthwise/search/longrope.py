@@ -21,24 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from lengthwise import locks
+from lengthwise.data.corpus import documents_of_length
+from lengthwise.errors import UserError
 from lengthwise.io import atomic_write_json, atomic_write_text, remove_temp_files
 from lengthwise.models.families import model_info, require_encoding
-from lengthwise.rope.factors import save_factors
 from lengthwise.models.rotary import rotary_layout
+from lengthwise.rope.factors import save_factors
+from lengthwise.rope.scaling import longrope_attention_factor as attention_factor
 from lengthwise.search.backends import RayBackend, SerialBackend, ray_available
 from lengthwise.search.checkpoint import load_checkpoint, save_checkpoint
 from lengthwise.search.evolution import EvolutionConfig, SearchState, evolve
 from lengthwise.search.fitness import FitnessFactory, PerplexityFitness
-from lengthwise.rope.scaling import longrope_attention_factor as attention_factor
-from lengthwise.search.space import (
-    GRID,
-    PAPER_N_HAT,
-    Candidate,
-    SearchSpace,
-    rescale_candidate,
-    seed_candidates,
-)
-from lengthwise.errors import UserError
+from lengthwise.search.space import Candidate, GRID, PAPER_N_HAT, SearchSpace, rescale_candidate, seed_candidates
 
 
 @dataclass
@@ -135,8 +129,6 @@ def _check_inputs(model, target_length: int | None, scale: float | None) -> tupl
 
 
 def _tokenize(documents, tokenizer, length: int, max_docs: int, what: str) -> tuple[list[str], list[list[int]]]:
-    from lengthwise.data.corpus import documents_of_length  # noqa: PLC0415
-
     tok = documents_of_length(documents, tokenizer, length, max_docs)
     if not tok.docs:
         raise UserError(

@@ -31,9 +31,13 @@ from typing import Any
 from lengthwise import locks
 from lengthwise.errors import UserError
 from lengthwise.io import atomic_write_json, remove_temp_files
-from lengthwise.rope.factors import save_factors
+from lengthwise.models.families import model_info, require_encoding
+from lengthwise.models.rotary import rotary_layout
+from lengthwise.rope.factors import check_factors, save_factors
+from lengthwise.rope.scaling import longrope_attention_factor
 from lengthwise.search.evolution import EvolutionConfig
 from lengthwise.search.fitness import PerplexityFitness
+from lengthwise.search.longrope import _digest, _run_phase, _tokenize, longrope, rope_parameters
 from lengthwise.search.space import GRID, SearchSpace, ntk_factors, seed_candidates, yarn_factors
 
 
@@ -53,7 +57,6 @@ def read_previous(previous: Any) -> dict:
     if not isinstance(obj, dict) or "long_factors" not in obj:
         raise UserError("the previous stage needs a factors.json object with 'long_factors' (and 'factor', the "
                         "scale it was found for)")
-    from lengthwise.rope.factors import check_factors  # noqa: PLC0415
 
     try:
         long = check_factors(obj["long_factors"], "long_factors")
@@ -109,9 +112,6 @@ def extend(
     factors and their extensions only.
     Other keyword arguments go to `lengthwise.search.longrope` (max_docs, out_dir, threads, short_length, ...).
     """
-    from lengthwise.models.families import model_info  # noqa: PLC0415
-    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
-    from lengthwise.search.longrope import longrope  # noqa: PLC0415
 
     prev = read_previous(previous)
     pretrain = model_info(model).pretrain_length
@@ -210,10 +210,6 @@ def readjust(
     dict); see the module docstring. `short_length`: default the training length L (at most L). Seeds: all ones
     (the original frequencies), the long factors clipped into [1, ceiling], PI / NTK / YaRN at max(1, length/L).
     `short_max_factor`: ceiling (default 1.25 · max(1, short_length/L)). Serial only."""
-    from lengthwise.models.families import model_info, require_encoding  # noqa: PLC0415
-    from lengthwise.models.rotary import rotary_layout  # noqa: PLC0415
-    from lengthwise.rope.scaling import longrope_attention_factor  # noqa: PLC0415
-    from lengthwise.search.longrope import _digest, _run_phase, _tokenize, rope_parameters  # noqa: PLC0415
 
     require_encoding(model, "longrope-readjust", ("rope",))
     prev = read_previous(factors)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from lengthwise.errors import UserError
+from lengthwise.rope.scaling import RopeGeometry, base_inv_freq, ntk_inv_freq, yarn_inv_freq
 
 # Paper's n_hat choices (LongRoPE §3.2); values past the target length are dropped by SearchSpace.
 PAPER_N_HAT = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
@@ -84,15 +85,12 @@ def pi_factors(num_factors: int, scale: float) -> list[float]:
 
 
 def _ratio(inv_freq_and_factor, rotary_dim: int, base: float) -> list[float]:
-    from lengthwise.rope.scaling import base_inv_freq  # noqa: PLC0415
-
     inv_freq, _ = inv_freq_and_factor
     return (base_inv_freq(rotary_dim, base).double() / inv_freq.double()).tolist()  # λ_i = θ_i / θ'_i
 
 
 def ntk_factors(num_factors: int, scale: float, base: float = 10000.0, pretrain_length: int = 2) -> list[float]:
     """NTK-aware base b' = b·s^(d/(d-2)) as per-pair factors: λ_i = s^(2i/(d-2)); λ_0 = 1, λ_last = s."""
-    from lengthwise.rope.scaling import RopeGeometry, ntk_inv_freq  # noqa: PLC0415
 
     g = RopeGeometry(2 * num_factors, base, pretrain_length)
     return _ratio(ntk_inv_freq(g, scale), g.rotary_dim, base)
@@ -104,7 +102,6 @@ def yarn_factors(num_factors: int, scale: float, pretrain_length: int, base: flo
     Frequencies from `lengthwise.rope.scaling.yarn_inv_freq` (β_fast 32, β_slow 1); its attention factor is not
     part of the factors.
     """
-    from lengthwise.rope.scaling import RopeGeometry, yarn_inv_freq  # noqa: PLC0415
 
     g = RopeGeometry(2 * num_factors, base, pretrain_length)
     return _ratio(yarn_inv_freq(g, scale), g.rotary_dim, base)

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lengthwise.api import patch
+from lengthwise.errors import UserError
+from lengthwise.models.compat import cache_kwargs
 from lengthwise.temp_lora.adapter import attach_lora, check_targets, save_adapter
 from lengthwise.temp_lora.config import TempLoraConfig
 from lengthwise.temp_lora.cost import CostMeter, causal_pairs, model_cost
-from lengthwise.models.compat import cache_kwargs
-from lengthwise.errors import UserError
 
 
 class TempLoraSession:
@@ -46,7 +47,6 @@ class TempLoraSession:
         self.closed = False
         try:
             if method:
-                from lengthwise.api import patch  # noqa: PLC0415
 
                 self._handle = patch(model, method)
             self._undo, self.params = attach_lora(model, self.config)

@@ -6,7 +6,8 @@ import torch
 from lengthwise.api import patch
 from lengthwise.generation import generate
 from lengthwise.models.compat import cache_kwargs
-from lengthwise.static_decode import StaticDecoder, StaticDecodeMismatch, StaticDecodeUnsupported, slot_of
+from lengthwise.static_decode import (StaticDecoder, StaticDecodeMismatch, StaticDecodeUnsupported, greedy_static,
+                                     slot_of, span_for, span_sizes)
 from lengthwise.testing import random_ids, tiny_model
 
 # A prompt past the training length (64) and past n_global + n_local: the distance limit applies to the global keys
@@ -37,25 +38,30 @@ def test_static_decoding_gives_the_eager_tokens():
     assert static.tolist() == eager.tolist()
 
 
-def test_static_step_logits_match_the_eager_step_at_every_token():
+def _static_steps_match_eager_steps(spec: str, prompt: int, steps: int) -> None:
+    """Each static step's logits equal the eager step's on the same tokens (positions prompt .. prompt + steps - 1)."""
     model = tiny_model("llama")
-    ids = random_ids(70)
-    handle, cache, logits = _prefilled(model, ids)
+    ids = random_ids(prompt)
+    handle, cache, logits = _prefilled(model, ids, spec)
     try:
         decoder = StaticDecoder(model, cache, check=False)
         eager_cache = handle.new_cache()  # the same prompt again, for the eager steps
         with torch.no_grad():
             model(input_ids=ids, **cache_kwargs(model, eager_cache), use_cache=True, logits_to_keep=1)
         token = logits.argmax(-1, keepdim=True)
-        for step in range(30):
+        for step in range(steps):
             static = decoder.step(token)
             with torch.no_grad():
                 eager = model(input_ids=token, **cache_kwargs(model, eager_cache), use_cache=True,
-                              position_ids=torch.tensor([[70 + step]]), logits_to_keep=1).logits[:, -1]
+                              position_ids=torch.tensor([[prompt + step]]), logits_to_keep=1).logits[:, -1]
             torch.testing.assert_close(static, eager, atol=2e-4, rtol=1e-4)
             token = eager.argmax(-1, keepdim=True)
     finally:
         handle.remove()
+
+
+def test_static_step_logits_match_the_eager_step_at_every_token():
+    _static_steps_match_eager_steps(SPEC, prompt=70, steps=30)
 
 
 def test_static_decoding_refuses_what_it_does_not_compute():
@@ -101,3 +107,34 @@ def test_compiled_decoding_gives_the_eager_tokens():
     eager = generate(model, ids, SPEC, max_new_tokens=40)
     compiled = generate(model, ids, SPEC, max_new_tokens=40, decode="compiled")
     assert compiled.tolist() == eager.tolist()
+
+
+# A window longer than the smallest span: decoding from a 200-token prompt crosses from span 256 to the full 604
+# slots (lengthwise.static_decode.span_sizes) at position 256.
+WIDE = "lm-infinite:n_global=4,n_local=600,distance_limit=600"
+
+
+def test_spans_cover_every_filled_slot():
+    assert span_sizes(8202) == [512, 1024, 2048, 4096, 8202] and span_sizes(604) == [256, 604]
+    assert span_sizes(300) == [300] and len(span_sizes(1 << 20)) == 5
+    spans = span_sizes(8202)
+    assert [span_for(p, 8202, spans) for p in (0, 511, 512, 4095, 4096, 8201, 10**6)] == \
+        [512, 512, 1024, 4096, 8202, 8202, 8202]
+
+
+def test_static_steps_across_a_span_change_match_the_eager_steps():
+    _static_steps_match_eager_steps(WIDE, prompt=200, steps=80)  # positions 200..279
+
+
+@pytest.mark.slow  # two compilations: ~17 s on the 2-core machine
+def test_compiled_decoding_across_a_span_change_gives_the_eager_tokens():
+    """One compiled graph per span, never the eager step under the compiled label."""
+    model = tiny_model("llama")
+    ids = random_ids(200)
+    eager = generate(model, ids, WIDE, max_new_tokens=80)
+    handle, cache, logits = _prefilled(model, ids, WIDE)
+    try:
+        compiled, mode = greedy_static(model, cache, logits, 80, compile=True)
+    finally:
+        handle.remove()
+    assert mode == "compiled" and compiled.tolist() == eager.tolist()

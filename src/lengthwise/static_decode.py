@@ -6,8 +6,11 @@ less: each layer holds exactly `n_global + n_local` slots. The key at position p
 (a global key, kept for good), else to slot n_global + (p - n_global) mod n_local, where it replaces the key at
 position p - n_local, the one that has just left the local window. One positions tensor (S,) says which position
 each slot holds (-1: empty); visibility and the distance limit follow from it by the same rule as
-`lengthwise.attention.pattern.lambda_rule`. Nothing in a step depends on how many tokens came before: its shapes,
-its work and its host-side bookkeeping are constant in the context length.
+`lengthwise.attention.pattern.lambda_rule`. Until the ring wraps, the keys fill slots 0, 1, 2, ... in order, so a
+step attends to the first `span` slots only, `span` the smallest of a few fixed sizes that holds every filled slot
+(`span_sizes`: S and the powers of two from S/2 down to 256, five at most; one compiled graph each): a short context
+does not pay for the empty slots of a long window. Once the window is full (the context past S tokens), every step
+has one shape, and its work and its host-side bookkeeping are constant in the context length.
 
 `StaticDecoder(model, cache)` takes a model patched with `lm-infinite` and the `LambdaCache` of its prefill, copies
 the keys a next query can see into the static buffers, and then decodes with a forward written out for the Llama
@@ -85,6 +88,27 @@ def slot_of(position: torch.Tensor, n_global: int, n_local: int) -> torch.Tensor
     return torch.where(position < n_global, position, ring)
 
 
+MIN_SPAN, MAX_SPANS = 256, 5  # the smallest span a step attends to, and how many span sizes (compiled graphs) at most
+
+
+def span_sizes(slots: int) -> list[int]:
+    """The spans a step may attend to over `slots` slots, ascending: slots itself and the powers of two up to half of
+    it, down to MIN_SPAN, at most MAX_SPANS of them."""
+    spans = [slots]
+    power = 1 << (max(slots // 2, 1).bit_length() - 1)  # the largest power of two <= slots / 2
+    while power >= MIN_SPAN and len(spans) < MAX_SPANS:
+        spans.append(power)
+        power //= 2
+    return sorted(spans)
+
+
+def span_for(position: int, slots: int, spans: list[int]) -> int:
+    """The smallest span holding every slot filled once the key at `position` is written (slots fill in order until
+    the ring wraps: positions 0..position sit at slots 0..position)."""
+    filled = min(position + 1, slots)
+    return next(span for span in spans if span >= filled)
+
+
 def static_lambda_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor,
                             position: torch.Tensor, pattern: LambdaPattern, encoding: RopeEncoding | None,
                             scale: float) -> torch.Tensor:
@@ -139,6 +163,7 @@ class StaticDecoder:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.mode = "compiled" if compile else "static-eager"
+        self.spans: list[int] = []  # span_sizes of the slots, set by `load`
         self._run = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         dtype = next(model.parameters()).dtype
         self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
@@ -168,6 +193,7 @@ class StaticDecoder:
         slots, seen = n_global + n_local, first.seen
         fresh = not self.keys
         if fresh:
+            self.spans = span_sizes(slots)
             self.slot_pos = torch.full((slots,), -1, dtype=torch.long, device=first.keys.device)
             self.position = torch.tensor(seen, dtype=torch.long, device=first.keys.device)
         self.slot_pos.fill_(-1)
@@ -198,8 +224,9 @@ class StaticDecoder:
         """Bytes of the static buffers (keys, values, slot positions)."""
         return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values, self.slot_pos])
 
-    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """token (1, 1) long, position () long -> logits (1, V); writes the step's keys and values in place."""
+    def _step(self, token: torch.Tensor, position: torch.Tensor, span: int) -> torch.Tensor:
+        """token (1, 1) long, position () long -> logits (1, V); writes the step's keys and values in place and
+        attends to the first `span` slots (every filled one: `span_for`)."""
         inner, pattern = self.model.model, self.pattern
         hidden = inner.embed_tokens(token)  # (1, 1, hidden)
         cos, sin = inner.rotary_emb(hidden, position.reshape(1, 1))
@@ -215,8 +242,8 @@ class StaticDecoder:
             q, k = self.apply_rotary(q, k, cos, sin)
             keys.index_copy_(2, slot, k)
             values.index_copy_(2, slot, v)
-            out = static_lambda_attention(q, keys, values, self.slot_pos, position, pattern, encoding,
-                                          attention.scaling)
+            out = static_lambda_attention(q, keys[:, :, :span], values[:, :, :span], self.slot_pos[:span], position,
+                                          pattern, encoding, attention.scaling)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(inner.norm(hidden))[:, -1]
@@ -225,17 +252,18 @@ class StaticDecoder:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Decode `token` (1, 1) at the next position; returns its logits (1, V) (float of the model's dtype)."""
         token = token.reshape(1, 1).to(self.position.device)
+        span = span_for(self.seen, self.slot_pos.shape[0], self.spans)
         if self.mode == "compiled":
             try:
                 with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never eager under the label
-                    logits = self._run(token, self.position)
+                    logits = self._run(token, self.position, span)
             except Exception as error:  # noqa: BLE001 - no compiler, or an op inductor cannot lower
                 warnings.warn(f"torch.compile of the static decoding step failed ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); it runs eagerly", stacklevel=2)
                 self.mode, self._run = "static-eager", self._step  # the failed call wrote nothing
-                logits = self._run(token, self.position)
+                logits = self._run(token, self.position, span)
         else:
-            logits = self._run(token, self.position)
+            logits = self._run(token, self.position, span)
         if self._check:
             self._check = False
             self._compare(token, logits)

@@ -7,7 +7,7 @@ from lengthwise.api import patch
 from lengthwise.generation import generate
 from lengthwise.models.compat import cache_kwargs
 from lengthwise.static_decode import (StaticDecoder, StaticDecodeMismatch, StaticDecodeUnsupported, greedy_static,
-                                     slot_of, span_for, span_sizes)
+                                     project, slot_of, span_for, span_sizes)
 from lengthwise.testing import random_ids, tiny_model
 
 # A prompt past the training length (64) and past n_global + n_local: the distance limit applies to the global keys
@@ -28,6 +28,19 @@ def test_slots_keep_globals_and_a_ring_of_local_keys():
     slots = slot_of(positions, 4, 16)
     assert slots[:4].tolist() == [0, 1, 2, 3] and slots[4:20].tolist() == list(range(4, 20))
     assert slots[20].item() == 4 and slots[39].item() == 7  # position p replaces p - n_local
+
+
+def test_a_projection_as_a_sum_equals_the_linear_layer():
+    x = torch.randn(1, 1, 24)
+    for linear in (torch.nn.Linear(24, 40), torch.nn.Linear(24, 40, bias=False)):
+        torch.testing.assert_close(project(linear, x), linear(x), atol=1e-6, rtol=1e-5)
+
+    class Adapter(torch.nn.Linear):  # a subclass may compute something else: its own forward runs
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    adapter = Adapter(24, 40)
+    torch.testing.assert_close(project(adapter, x), adapter(x))
 
 
 def test_static_decoding_gives_the_eager_tokens():

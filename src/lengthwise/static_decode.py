@@ -113,7 +113,7 @@ def static_lambda_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch
                             position: torch.Tensor, pattern: LambdaPattern, encoding: RopeEncoding | None,
                             scale: float) -> torch.Tensor:
     """Λ attention of one query: q (1, H, 1, D), keys_t (1, Hk, D, S) (the keys transposed: the query heads' product
-    with them is a plain matrix product, about twice as fast on the CPU as one through a transposed view), values
+    with them is a plain matrix product, faster on the CPU than one through a transposed view), values
     (1, Hk, S, D), S = n_global + n_local slots,
     slot_pos (S,) long (-1: empty), position () long -> (1, H, 1, D). The same rule and the same distance limit as
     `lambda_attention_blocked` (global keys beyond the limit scored at distance `limit`, by moving the query to
@@ -140,7 +140,7 @@ def static_lambda_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch
 
 def project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x) of one token, x (1, 1, K) -> (1, 1, N), as a product and a sum over K. Compiled, this is one fused
-    pass over the weight at the memory's rate (on the 2-core CPU of docs/speed.md, 2.3x the rate of the library's
+    pass over the weight at the memory's rate (on the 2-core CPU of docs/speed.md, faster than the library's
     matrix-vector product that F.linear reaches); eager, it would build the (N, K) product, so the eager step calls
     the module. A projection other than a plain nn.Linear (an adapter, a quantized layer) runs its own forward."""
     if type(linear) is not torch.nn.Linear:
@@ -154,8 +154,8 @@ def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-# One compiled region stamped out for every layer (compiled once, not once per layer: 33 s instead of 155 s for
-# SmolLM2's first compiled step on the 2-core CPU, cold cache); torch before 2.8 lacks it and compiles every layer.
+# One compiled region stamped out for every layer: compiled once, not once per layer (a first compiled step several
+# times shorter on SmolLM2's 30 layers); torch before 2.8 lacks it and compiles every layer.
 _once_per_layer = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
 
 

@@ -34,6 +34,8 @@ CASES = [  # (command line, a piece of the expected line)
     ("gen-quality --lengths abc", "must be comma-separated"),
     ("bench -m nonsense", "unknown method"),
     ("bench --lengths x", "must be comma-separated"),
+    ("bench -m lm-infinite --decode compiled --decode-weights int4", "--decode-weights must be one of model, bfloat16"),
+    ("bench -m lm-infinite --decode-weights int8", "use it with --decode static or compiled"),
     ("search --model nothing-here --scale 4", "neither a bundled model"),
     ("search --population 0", "population"),
     ("temp-lora eval --model nothing-here", "neither a bundled model"),

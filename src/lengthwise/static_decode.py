@@ -22,6 +22,7 @@ logits are compared with the eager transformers step on the same cache (`check=T
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 import weakref
@@ -138,20 +139,95 @@ def static_lambda_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch
     return (probs.to(values.dtype) @ values).reshape(1, heads, 1, values.shape[-1])
 
 
-def project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """linear(x) of one token, x (1, 1, K) -> (1, 1, N), as a product and a sum over K. Compiled, this is one fused
-    pass over the weight at the memory's rate (on the 2-core CPU of docs/speed.md, faster than the library's
-    matrix-vector product that F.linear reaches); eager, it would build the (N, K) product, so the eager step calls
-    the module. A projection other than a plain nn.Linear (an adapter, a quantized layer) runs its own forward."""
-    if type(linear) is not torch.nn.Linear:
+# The projections of a decoder layer, in the order `_layer_step` unpacks their stored weights.
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+# How the step stores the weights it reads (`stored_weight`); "model": the model's own.
+WEIGHT_FORMATS = ("model", "bfloat16", "float16", "int8")
+
+
+def check_weights(model, weights: str) -> None:
+    """Refuse a weight format the step does not store for this model (one line)."""
+    if weights not in WEIGHT_FORMATS:
+        raise StaticDecodeUnsupported(f"decode weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    dtype = next(model.parameters()).dtype
+    if weights != "model" and dtype != torch.float32:
+        raise StaticDecodeUnsupported(f"decode weights {weights!r} store a float32 model's projections; this model "
+                                      f"is {dtype}: load it in float32, or decode with weights 'model'")
+
+
+def stored_weight(linear: torch.nn.Linear, weights: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight (N, K) a projection of the step reads, and its scale per output row (N,) or None.
+    "model": the layer's own weight; "bfloat16" / "float16": a copy in that type, multiplied in the model's type
+    (half the bytes to read); "int8": symmetric round-to-nearest, one scale per output row (max |w| / 127)."""
+    weight = linear.weight.detach()
+    if weights == "model":
+        return weight, None
+    if weights in ("bfloat16", "float16"):
+        return weight.to(getattr(torch, weights)), None
+    scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(weight.dtype).tiny) / 127  # (N,)
+    return torch.round(weight / scale[:, None]).to(torch.int8), scale
+
+
+def dequantized(stored: tuple[torch.Tensor, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in `dtype` that a stored weight stands for."""
+    weight, scale = stored
+    weight = weight.to(dtype)
+    return weight if scale is None else weight * scale.to(dtype)[:, None]
+
+
+def stored_projections(model, weights: str) -> dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every plain nn.Linear projection the step reads (the layers' PROJECTIONS and the vocabulary) -> its stored
+    weight; a projection of another type (an adapter, a quantized layer) is absent: it runs its own forward."""
+    modules = [layer.get_submodule(name) for layer in model.model.layers for name in PROJECTIONS]
+    return {module: stored_weight(module, weights) for module in [*modules, model.lm_head]
+            if type(module) is torch.nn.Linear}
+
+
+@contextlib.contextmanager
+def projections_as_stored(model, weights: str):
+    """The model, inside the block, computes with the weights a static step stored as `weights` reads: each plain
+    projection's output comes from its stored weight (forward hooks, removed on exit), for the eager check of a
+    step and for the PPL of a weight format. The stored copies live for the block."""
+    stored = stored_projections(model, weights) if weights != "model" else {}
+    with _reading(stored):
+        yield model
+
+
+@contextlib.contextmanager
+def _reading(stored: dict):
+    """Forward hooks that replace each module's output by the product with its stored weight."""
+    def hook(module, inputs, _output):
+        return torch.nn.functional.linear(inputs[0], dequantized(stored[module], inputs[0].dtype), module.bias)
+
+    handles = [module.register_forward_hook(hook) for module in stored]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def project(linear: torch.nn.Module, x: torch.Tensor, stored) -> torch.Tensor:
+    """linear(x) of one token, x (1, 1, K) -> (1, 1, N), from the stored weight (`stored_weight`), as a product and
+    a sum over K. Compiled, this is one fused pass over the weight at the memory's rate (on the 2-core CPU of
+    docs/speed.md, faster than the library's matrix-vector product that F.linear reaches), converting a half or
+    int8 weight as it reads it; eager, it would build the (N, K) product, so the eager step calls `_call`.
+    stored None: a projection other than a plain nn.Linear (an adapter, a quantized layer) runs its own forward."""
+    if stored is None:
         return linear(x)
-    out = (x.unsqueeze(-2) * linear.weight).sum(-1)  # (1, 1, N, K) summed in one pass, never stored
+    weight, scale = stored
+    out = (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)  # (1, 1, N, K) summed in one pass, never stored
+    out = out if scale is None else out * scale
     return out if linear.bias is None else out + linear.bias
 
 
-def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x): a projection of the eager static step."""
-    return module(x)
+def _call(linear: torch.nn.Module, x: torch.Tensor, stored) -> torch.Tensor:
+    """linear(x) of the eager static step: the module itself, or the product with the weight its stored copy
+    stands for."""
+    if stored is None or stored[0] is linear.weight:
+        return linear(x)
+    return torch.nn.functional.linear(x, dequantized(stored, x.dtype), linear.bias)
 
 
 # One compiled region stamped out for every layer: compiled once, not once per layer (a first compiled step several
@@ -161,23 +237,25 @@ _once_per_layer = getattr(torch.compiler, "nested_compile_region", lambda fn: fn
 
 @_once_per_layer
 def _layer_step(layer, hidden, keys_t, values, slot_pos, slot, position, cos, sin, span: int, pattern: LambdaPattern,
-                encoding, apply_rotary, proj):
+                encoding, apply_rotary, proj, stored):
     """One decoder layer of the step: hidden (1, 1, hidden) -> (1, 1, hidden); writes its key and value at `slot`
-    (keys_t (1, Hk, D, S), values (1, Hk, S, D))."""
+    (keys_t (1, Hk, D, S), values (1, Hk, S, D)); `stored`: the weights of its PROJECTIONS (`stored_weight`)."""
+    q_w, k_w, v_w, o_w, gate_w, up_w, down_w = stored
     attention = layer.self_attn
     normed = layer.input_layernorm(hidden)
     shape = (1, 1, -1, attention.head_dim)
-    q = proj(attention.q_proj, normed).view(shape).transpose(1, 2)  # (1, H, 1, D)
-    k = proj(attention.k_proj, normed).view(shape).transpose(1, 2)  # (1, Hk, 1, D)
-    v = proj(attention.v_proj, normed).view(shape).transpose(1, 2)
+    q = proj(attention.q_proj, normed, q_w).view(shape).transpose(1, 2)  # (1, H, 1, D)
+    k = proj(attention.k_proj, normed, k_w).view(shape).transpose(1, 2)  # (1, Hk, 1, D)
+    v = proj(attention.v_proj, normed, v_w).view(shape).transpose(1, 2)
     q, k = apply_rotary(q, k, cos, sin)
     keys_t.index_copy_(3, slot, k.transpose(-1, -2))
     values.index_copy_(2, slot, v)
     out = static_lambda_attention(q, keys_t[..., :span], values[:, :, :span], slot_pos[:span], position, pattern,
                                   encoding, attention.scaling)
-    hidden = hidden + proj(attention.o_proj, out.transpose(1, 2).reshape(1, 1, -1))
+    hidden = hidden + proj(attention.o_proj, out.transpose(1, 2).reshape(1, 1, -1), o_w)
     mlp, normed = layer.mlp, layer.post_attention_layernorm(hidden)
-    return hidden + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, normed)) * proj(mlp.up_proj, normed))
+    gated = mlp.act_fn(proj(mlp.gate_proj, normed, gate_w)) * proj(mlp.up_proj, normed, up_w)
+    return hidden + proj(mlp.down_proj, gated, down_w)
 
 
 class StaticDecoder:
@@ -187,15 +265,22 @@ class StaticDecoder:
     logits = decoder.step(token)            # token (1, 1) long at the next position -> logits (1, V)
 
     compile: run the step through torch.compile (fullgraph); where compilation fails, the same step runs eagerly, with
-    a warning, and `mode` says which ran ("compiled" or "static-eager"). check: the first step also runs on the eager
-    transformers path over `cache` (which that spends) and must give the same next token and logits within
-    `tolerance` (relative to the largest logit), else StaticDecodeMismatch.
+    a warning, and `mode` says which ran ("compiled" or "static-eager"). weights: how the step stores the projection
+    weights it reads (WEIGHT_FORMATS, `stored_weight`): "model" reads the model's own; "bfloat16", "float16" and
+    "int8" (a float32 model only) read a copy in that format, made when a cache is loaded, beside the model's
+    weights, which stay as they are (the prefill uses them); a different model from its own, so its logits are
+    compared with the model computing with those copies (`projections_as_stored`). check: the first step also runs
+    on the eager transformers path over `cache` (which that spends) and must give the same next token and logits
+    within `tolerance` (relative to the largest logit), else StaticDecodeMismatch.
     """
 
     def __init__(self, model, cache: LambdaCache | None = None, *, compile: bool = False, check: bool = True,
-                 tolerance: float | None = None) -> None:
+                 tolerance: float | None = None, weights: str = "model") -> None:
         _check_model(model)
-        self.model = model
+        check_weights(model, weights)
+        dtype = next(model.parameters()).dtype
+        self.model, self.weights = model, weights
+        self.stored: dict | None = None  # module -> stored weight, made by `load`
         self.layers = list(model.model.layers)
         self.states = [_layer_state(layer.self_attn) for layer in self.layers]
         patterns = {(p.n_global, p.n_local, p.limit) for p, _ in self.states}
@@ -209,7 +294,6 @@ class StaticDecoder:
         self.mode = "compiled" if compile else "static-eager"
         self.spans: list[int] = []  # span_sizes of the slots, set by `load`
         self._run = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
-        dtype = next(model.parameters()).dtype
         self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
         self.check = check
         self.check_gap: float | None = None
@@ -219,7 +303,7 @@ class StaticDecoder:
     def key(self) -> tuple:
         """What a later patch must match for this decoder (and its compiled step) to serve it."""
         freqs = tuple(None if e is None else (e.style, e.offset, tuple(e.inv_freq.tolist())) for _, e in self.states)
-        return self.pattern, freqs, next(self.model.parameters()).dtype, self.mode
+        return self.pattern, freqs, next(self.model.parameters()).dtype, self.mode, self.weights
 
     def load(self, cache: LambdaCache) -> StaticDecoder:
         """Copy the keys the next query can see (global ones and the last n_local) of a prefill's cache into the
@@ -261,8 +345,26 @@ class StaticDecoder:
                 self.values.append(v.new_zeros(1, v.shape[1], slots, v.shape[-1]))
             self.keys[index].zero_().index_copy_(3, slot, k.transpose(-1, -2))
             self.values[index].zero_().index_copy_(2, slot, v)
+        self._store()
         self.seen, self.cache, self._check = seen, cache, self.check
         return self
+
+    def _store(self) -> None:
+        """The stored weights from the model's weights as they are now; copies are rewritten in place (the tensors a
+        compiled step reads stay the same), so a model changed between two decodings is decoded as it is now."""
+        fresh = stored_projections(self.model, self.weights)
+        if self.stored is None or self.weights == "model" or fresh.keys() != self.stored.keys():
+            self.stored = fresh
+            return
+        for module, (weight, scale) in fresh.items():
+            kept_weight, kept_scale = self.stored[module]
+            kept_weight.copy_(weight)
+            if scale is not None:
+                kept_scale.copy_(scale)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the projection weights one step reads (the stored copies, or the model's own)."""
+        return sum(t.numel() * t.element_size() for stored in self.stored.values() for t in stored if t is not None)
 
     def stored_bytes(self) -> int:
         """Bytes of the static buffers (keys, values, slot positions)."""
@@ -273,14 +375,17 @@ class StaticDecoder:
         attends to the first `span` slots (every filled one: `span_for`)."""
         inner, pattern = self.model.model, self.pattern
         proj = project if self.mode == "compiled" else _call  # fused reductions only where the step is compiled
+        stored = self.stored
         hidden = inner.embed_tokens(token)  # (1, 1, hidden)
         cos, sin = inner.rotary_emb(hidden, position.reshape(1, 1))
         slot = slot_of(position, pattern.n_global, pattern.n_local).reshape(1)
         self.slot_pos.index_copy_(0, slot, position.reshape(1))
         for layer, keys, values, (_, encoding) in zip(self.layers, self.keys, self.values, self.states):
+            weights = tuple(stored.get(layer.get_submodule(name)) for name in PROJECTIONS)
             hidden = _layer_step(layer, hidden, keys, values, self.slot_pos, slot, position, cos, sin, span, pattern,
-                                 encoding, self.apply_rotary, proj)
-        return proj(self.model.lm_head, inner.norm(hidden))[:, -1]
+                                 encoding, self.apply_rotary, proj, weights)
+        head = self.model.lm_head
+        return proj(head, inner.norm(hidden), stored.get(head))[:, -1]
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -308,8 +413,10 @@ class StaticDecoder:
     def _compare(self, token: torch.Tensor, logits: torch.Tensor) -> None:
         """The eager transformers step on the prefill cache: the same next-token logits, or raise."""
         model = self.model
-        eager = model(input_ids=token, **cache_kwargs(model, self.cache), use_cache=True,
-                      position_ids=self.position.reshape(1, 1), logits_to_keep=1).logits[:, -1]
+        copies = {} if self.weights == "model" else self.stored
+        with _reading(copies):  # the model computing with the weights the step reads
+            eager = model(input_ids=token, **cache_kwargs(model, self.cache), use_cache=True,
+                          position_ids=self.position.reshape(1, 1), logits_to_keep=1).logits[:, -1]
         self.cache = None  # spent: it has taken this token
         scale = float(eager.float().abs().max().clamp(min=1.0))
         gap = float((logits.float() - eager.float()).abs().max())
@@ -323,19 +430,22 @@ class StaticDecoder:
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {decoder key: StaticDecoder}
 
 
-def decoder_for(model, cache: LambdaCache, compile: bool = False) -> StaticDecoder:
+def decoder_for(model, cache: LambdaCache, compile: bool = False, weights: str = "model") -> StaticDecoder:
     """A StaticDecoder loaded with `cache`: the one made before for this model and an equal patch (same pattern,
-    frequencies, dtype and mode) when there is one, so that its compiled step is compiled once."""
-    made = StaticDecoder(model, compile=compile)
+    frequencies, dtype, mode and weight format) when there is one, so that its compiled step is compiled once."""
+    made = StaticDecoder(model, compile=compile, weights=weights)
     kept = _DECODERS.setdefault(model, {})
     return kept.setdefault(made.key(), made).load(cache)  # an equal key: the states now in force equal its own
 
 
 @torch.no_grad()
 def greedy_static(model, cache: LambdaCache, first_logits: torch.Tensor, max_new_tokens: int,
-                  eos_token_id: int | None = None, compile: bool = False) -> tuple[torch.Tensor, str]:
-    """Greedy tokens (T,) after a prefill whose last logits are `first_logits` (1, V), decoded on a static cache;
-    and the mode that ran ("compiled" or "static-eager")."""
+                  eos_token_id: int | None = None, compile: bool = False,
+                  weights: str = "model") -> tuple[torch.Tensor, str]:
+    """Greedy tokens (T,) after a prefill whose last logits are `first_logits` (1, V), decoded on a static cache
+    whose step reads the projection weights stored as `weights` (`StaticDecoder`); and the mode that ran
+    ("compiled" or "static-eager")."""
+    check_weights(model, weights)
     if max_new_tokens < 1:
         return first_logits.new_zeros(0, dtype=torch.long), "static-eager"
     token = first_logits.argmax(-1, keepdim=True)  # (1, 1)
@@ -344,7 +454,7 @@ def greedy_static(model, cache: LambdaCache, first_logits: torch.Tensor, max_new
     for _ in range(max_new_tokens - 1):
         if eos_token_id is not None and int(token) == eos_token_id:
             break
-        decoder = decoder or decoder_for(model, cache, compile=compile)
+        decoder = decoder or decoder_for(model, cache, compile=compile, weights=weights)
         token = decoder.step(token).argmax(-1, keepdim=True)
         tokens.append(token)
     return torch.cat(tokens, dim=1)[0], (decoder.mode if decoder else "static-eager")

@@ -25,7 +25,7 @@ from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import config_options, get_entry, parse_method_spec
 from lengthwise.scoring import open_scorer, require_static_cache
-from lengthwise.static_decode import decoder_for
+from lengthwise.static_decode import check_weights, decoder_for
 
 WARMUP_TOKENS = 32
 
@@ -142,12 +142,14 @@ def cache_bytes(cache) -> int | None:
 
 @torch.no_grad()
 def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_length: int,
-             chunk_size: int | None = None, decode: str = "eager") -> dict:
+             chunk_size: int | None = None, decode: str = "eager", decode_weights: str = "model") -> dict:
     """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes. `chunk_size`:
     prefill that many tokens per forward call through the cache (None: one call), as long prompts are fed.
     decode: "eager" (the model's forward on the method's cache), "static" or "compiled" (lm-infinite on a Llama
     model: `lengthwise.static_decode`; two untimed steps first, the first of them compiles and is checked against
-    the eager step; the mode that ran is returned as `decode_mode`)."""
+    the eager step; the mode that ran is returned as `decode_mode`); decode_weights: how that step stores the
+    projection weights it reads (`lengthwise.static_decode.WEIGHT_FORMATS`), their bytes returned as
+    `weight_bytes`)."""
     device = ids.device
     with open_scorer(model, spec) as scorer:
         decoder = scorer.decoder()  # the method's cache (else a DynamicCache), or the sliding window's recomputation
@@ -161,15 +163,16 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
 
         prefill, logits = _timed(prefill_chunks, device)
         extra, advance = {"decode_mode": "eager"}, (lambda token: decoder.feed(token[0])[None])
-        require_static_cache(decode, spec, decoder.cache)
+        require_static_cache(decode, spec, decoder.cache, decode_weights)
         if decode != "eager":
-            static = decoder_for(model, decoder.cache, compile=decode == "compiled")
+            static = decoder_for(model, decoder.cache, compile=decode == "compiled", weights=decode_weights)
             advance = static.step  # every later token on the static cache
             warm = []
             for _ in range(2):  # the first compiles (when asked) and runs the eager check
                 seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): advance(t), device)
                 warm.append(round(seconds, 4))
-            extra = {"decode_mode": static.mode, "warmup_steps_s": warm, "check_gap": static.check_gap}
+            extra = {"decode_mode": static.mode, "warmup_steps_s": warm, "check_gap": static.check_gap,
+                     "weight_bytes": static.weight_bytes()}
         times = []
         for _ in range(decode_steps):
             seconds, logits = _timed(lambda t=logits.argmax(-1, keepdim=True): advance(t), device)
@@ -191,17 +194,22 @@ def bench(
     model_name: str = "model",
     progress: bool = True,
     decode: str = "eager",
+    decode_weights: str = "model",
 ) -> list[dict]:
     """Prefill latency, per-token decode latency and peak memory for every (method, length) cell, one run each.
 
     Every method is first run once on a short prompt (warm-up: allocator, kernel choice, patch set-up). `{s}` in a
     spec becomes length / L_pretrain. Cells already in `results` are skipped. decode: see `run_cell` ("static" and
-    "compiled" apply to methods with a bounded Λ cache; the others decode eagerly, and each record says which).
+    "compiled" apply to methods with a bounded Λ cache; the others decode eagerly, and each record says which;
+    decode_weights applies to those static cells only).
     """
     check_specs(methods)
     check_lengths(lengths, 2, "bench length")
     if decode_steps < 1:
         raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+    if decode_weights != "model":
+        check_weights(model, decode_weights)
+        require_static_cache(decode, "bench", True, decode_weights)
     results = results or ResultsFile(None)
     info = model_info(model)
     param = next(model.parameters())
@@ -215,9 +223,11 @@ def bench(
         task = bar.add_task("bench", total=len(cells))
         for method, n in cells:
             cell_decode = decode if method.split(":")[0] == "lm-infinite" else "eager"
+            cell_weights = decode_weights if cell_decode != "eager" else "model"
             key = cell_key("bench", model=model_name, method=method, length=n, decode_steps=decode_steps,
                            device=str(device), dtype=str(param.dtype), seed=seed,
-                           **({} if cell_decode == "eager" else {"decode": cell_decode}))
+                           **({} if cell_decode == "eager" else {"decode": cell_decode}),
+                           **({} if cell_weights == "model" else {"decode_weights": cell_weights}))
             done = results.done(key)
             if done:
                 records.append(done)
@@ -230,7 +240,8 @@ def bench(
                          1, info.pretrain_length)
                 warmed.add(method)
             with PeakMemory(device) as peak:
-                out = run_cell(model, prompt[:, :n], spec, decode_steps, info.pretrain_length, decode=cell_decode)
+                out = run_cell(model, prompt[:, :n], spec, decode_steps, info.pretrain_length, decode=cell_decode,
+                               decode_weights=cell_weights)
             estimate = estimate_memory(model, n, spec, logits=1)
             metrics = {
                 "prefill_s": round(out["prefill_s"], 5),
@@ -246,7 +257,8 @@ def bench(
             record = make_record("bench", key, model=model_name, method=method, method_config=describe,
                                  data="random-ids", seed=seed, metrics=metrics, length=n, method_resolved=spec,
                                  decode_steps=decode_steps, decode_s=[round(t, 6) for t in out["decode_s"]],
-                                 decode=cell_decode, decode_mode=out["decode_mode"],
+                                 decode=cell_decode, decode_mode=out["decode_mode"], decode_weights=cell_weights,
+                                 decode_weight_bytes=out.get("weight_bytes"),
                                  decode_warmup_s=out.get("warmup_steps_s"),
                                  decode_check_gap=out.get("check_gap"),
                                  device=str(device), dtype=str(param.dtype), memory_source=peak.source,

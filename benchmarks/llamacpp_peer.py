@@ -15,8 +15,9 @@ Per depth d (0 stands for a 512-token prompt):
 - llama.cpp: `-p d -n 0` (prefill of d tokens from an empty context, tokens/s), `-p 0 -n STEPS -d d` (decode
   STEPS tokens after d tokens of context, ms/token), each in a process of its own whose peak RSS `os.wait4` reports.
   Its cache is dense (f16 keys and values of every token).
-- lengthwise: `lengthwise bench -m lm-infinite --decode MODE` per decode mode (prefill of d tokens, ms/token of the
-  decode steps after it, peak RSS above the level before the cell); its Λ cache keeps n_global + n_local keys.
+- lengthwise: `lengthwise bench -m lm-infinite --decode MODE --decode-weights W --decode-kv K` per decode mode and
+  format W/K (prefill of d tokens, ms/token of the decode steps after it, peak RSS above the level before the cell);
+  its Λ cache keeps n_global + n_local keys; the weight bytes a step reads are the record's (`decode_weight_bytes`).
 - the floor: a copy benchmark (torch, `--threads` threads, 256 MiB copied, best of 9) gives the bandwidth B in
   bytes/s (read + written); a decode step must at least read the weights and the keys and values it attends to:
   floor = (weight bytes + KV bytes read) / B. Each engine's share = floor / measured (1.0: at the bandwidth limit).
@@ -189,24 +190,29 @@ def lengthwise_records(args, bandwidth: float) -> list[dict]:
     records = []
     lengths = ",".join(str(d or 512) for d in args.depths)
     out = Path(args.lengthwise_out)
-    for mode in args.modes:
+    cells = [(mode, *fmt.split("/", 1), "model")[:3]  # (mode, weights, kv)
+             for mode in args.modes for fmt in args.formats if mode != "eager" or fmt == "model"]
+    for mode, stored, kv in cells:
         command = [str(Path(sys.executable).parent / "lengthwise"), "bench", "--model", args.model, "--lengths",
                    lengths, "-m", "lm-infinite", "--decode-steps", str(args.decode_steps), "--threads",
-                   str(args.threads), "--decode", mode, "--out", str(out), "--quiet"]
-        log(f"lengthwise decode={mode} at {lengths}")
+                   str(args.threads), "--decode", mode, "--decode-weights", stored, "--decode-kv", kv, "--out",
+                   str(out), "--quiet"]
+        log(f"lengthwise decode={mode} weights={stored} kv={kv} at {lengths}")
         _, seconds, _, before, after = run_child(command)
         wanted = {d or 512 for d in args.depths}
         rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
         for row in rows:
             cell_mode = row.get("decode_mode", "eager")  # what ran: "static-eager" where compilation failed
-            if row["length"] not in wanted or row.get("decode", "eager") != mode:
+            if row["length"] not in wanted or row.get("decode", "eager") != mode or \
+                    row.get("decode_weights", "model") != stored or row.get("decode_kv", "model") != kv:
                 continue
             metrics = row["metrics"]
-            weights = row.get("weight_bytes") or args.weight_bytes
+            weights = row.get("decode_weight_bytes") or args.weight_bytes
             kept = min(row["length"] + args.decode_steps, 10 + 8192)  # n_global + n_local keys attended to
-            floor = 1000 * (weights + kv_bytes(kept, 4)) / bandwidth
+            floor = 1000 * (weights + kv_bytes(kept, 2 if kv == "bfloat16" else 4)) / bandwidth
             decode_ms = 1000 * metrics["decode_s_per_token"]
-            records.append(emit(args, {"engine": "lengthwise", "mode": f"float32 lm-infinite, decode {cell_mode}",
+            kind = ("float32" if stored == "model" else f"{stored} weights") + ("" if kv == "model" else f", {kv} kv")
+            records.append(emit(args, {"engine": "lengthwise", "mode": f"{kind} lm-infinite, decode {cell_mode}",
                             "depth": 0 if row["length"] == 512 and 0 in args.depths else row["length"],
                             "prefill_tokens": row["length"], "prefill_tokens_per_s": metrics["prefill_tokens_per_s"],
                             "decode_ms_per_token": round(decode_ms, 2), "floor_ms_per_token": round(floor, 2),
@@ -250,6 +256,8 @@ def main() -> None:
     parser.add_argument("--engines", default="llama.cpp,lengthwise")
     parser.add_argument("--depths", default="0,8192,16384,32768")
     parser.add_argument("--modes", default="eager,compiled", help="lengthwise --decode modes")
+    parser.add_argument("--formats", default="model", help="lengthwise formats of the static and compiled modes, "
+                        "comma-separated WEIGHTS or WEIGHTS/KV (--decode-weights, --decode-kv; 'model': float32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--repetitions", type=int, default=2, help="llama-bench -r")
@@ -266,6 +274,7 @@ def main() -> None:
     args = parser.parse_args()
     args.depths = [int(d) for d in args.depths.split(",")]
     args.modes = args.modes.split(",")
+    args.formats = args.formats.split(",")
     engines = args.engines.split(",")
     before = load()
     bandwidth = copy_bandwidth(args.threads)

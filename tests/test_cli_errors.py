@@ -36,6 +36,7 @@ CASES = [  # (command line, a piece of the expected line)
     ("bench --lengths x", "must be comma-separated"),
     ("bench -m lm-infinite --decode compiled --decode-weights int4", "--decode-weights must be one of model, bfloat16"),
     ("bench -m lm-infinite --decode-weights int8", "use it with --decode static or compiled"),
+    ("bench -m lm-infinite --decode static --decode-kv float16", "--decode-kv must be one of model, bfloat16"),
     ("search --model nothing-here --scale 4", "neither a bundled model"),
     ("search --population 0", "population"),
     ("temp-lora eval --model nothing-here", "neither a bundled model"),

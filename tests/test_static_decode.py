@@ -69,14 +69,15 @@ def test_static_decoding_gives_the_eager_tokens():
     assert static.tolist() == eager.tolist()
 
 
-def _static_steps_match_eager_steps(spec: str, prompt: int, steps: int, weights: str = "model") -> None:
+def _static_steps_match_eager_steps(spec: str, prompt: int, steps: int, weights: str = "model", kv: str = "model",
+                                    atol: float = 2e-4) -> None:
     """Each static step's logits equal the eager step's on the same tokens (positions prompt .. prompt + steps - 1);
     with stored weights, the eager step of the model computing with them (`projections_as_stored`)."""
     model = tiny_model("llama")
     ids = random_ids(prompt)
     handle, cache, logits = _prefilled(model, ids, spec)
     try:
-        decoder = StaticDecoder(model, cache, check=False, weights=weights)
+        decoder = StaticDecoder(model, cache, check=False, weights=weights, kv=kv)
         eager_cache = handle.new_cache()  # the same prompt again, for the eager steps
         with torch.no_grad():
             model(input_ids=ids, **cache_kwargs(model, eager_cache), use_cache=True, logits_to_keep=1)
@@ -86,7 +87,7 @@ def _static_steps_match_eager_steps(spec: str, prompt: int, steps: int, weights:
             with torch.no_grad(), projections_as_stored(model, weights):
                 eager = model(input_ids=token, **cache_kwargs(model, eager_cache), use_cache=True,
                               position_ids=torch.tensor([[prompt + step]]), logits_to_keep=1).logits[:, -1]
-            torch.testing.assert_close(static, eager, atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(static, eager, atol=atol, rtol=1e-4)
             token = eager.argmax(-1, keepdim=True)
     finally:
         handle.remove()
@@ -99,6 +100,20 @@ def test_static_step_logits_match_the_eager_step_at_every_token():
 @pytest.mark.parametrize("weights", ["bfloat16", "float16", "int8"])
 def test_static_steps_with_stored_weights_match_the_model_computing_with_them(weights):
     _static_steps_match_eager_steps(SPEC, prompt=70, steps=12, weights=weights)
+
+
+def test_bfloat16_keys_and_values_stay_close_to_the_eager_step():
+    model = tiny_model("llama")
+    handle, cache, logits = _prefilled(model, random_ids(70))
+    try:
+        decoder = StaticDecoder(model, cache, kv="bfloat16")
+        assert {t.dtype for t in [*decoder.keys, *decoder.values]} == {torch.bfloat16}
+        decoder.step(logits.argmax(-1, keepdim=True))  # the runtime check, at a half-precision tolerance
+        assert decoder.tolerance == 5e-2 and decoder.check_gap is not None
+    finally:
+        handle.remove()
+    # bfloat16 keeps 8 bits of mantissa: the tiny model's logits (about 1 in size) move by a few thousandths
+    _static_steps_match_eager_steps(SPEC, prompt=70, steps=12, kv="bfloat16", atol=2e-2)
 
 
 def test_stored_weights_pass_the_check_and_follow_a_changed_model():
@@ -131,7 +146,11 @@ def test_stored_weights_are_refused_where_they_do_not_apply():
         generate(model, ids, SPEC, max_new_tokens=2, decode="static", decode_weights="int4")
     with pytest.raises(UserError, match="read by the static decoding step"):
         generate(model, ids, SPEC, max_new_tokens=2, decode_weights="int8")
-    with pytest.raises(StaticDecodeUnsupported, match="store a float32 model's projections"):
+    with pytest.raises(StaticDecodeUnsupported, match="decode kv must be one of model, bfloat16"):
+        generate(model, ids, SPEC, max_new_tokens=2, decode="static", decode_kv="float16")
+    with pytest.raises(UserError, match="decode_kv='bfloat16' is read by the static decoding step"):
+        generate(model, ids, SPEC, max_new_tokens=2, decode_kv="bfloat16")
+    with pytest.raises(StaticDecodeUnsupported, match="store a float32 model's tensors"):
         generate(model.to(torch.bfloat16), ids, SPEC, max_new_tokens=2, decode="static", decode_weights="int8")
 
 
@@ -181,12 +200,12 @@ def test_compiled_decoding_gives_the_eager_tokens():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
-def test_compiled_decoding_with_stored_weights_gives_the_static_eager_tokens(weights):
+@pytest.mark.parametrize("weights,kv", [("bfloat16", "model"), ("int8", "bfloat16")])
+def test_compiled_decoding_with_stored_weights_gives_the_static_eager_tokens(weights, kv):
     model = tiny_model("llama")
     ids = random_ids(90)
-    static = generate(model, ids, SPEC, max_new_tokens=40, decode="static", decode_weights=weights)
-    compiled = generate(model, ids, SPEC, max_new_tokens=40, decode="compiled", decode_weights=weights)
+    static = generate(model, ids, SPEC, max_new_tokens=40, decode="static", decode_weights=weights, decode_kv=kv)
+    compiled = generate(model, ids, SPEC, max_new_tokens=40, decode="compiled", decode_weights=weights, decode_kv=kv)
     assert compiled.tolist() == static.tolist()
 
 

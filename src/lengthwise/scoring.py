@@ -286,14 +286,16 @@ class WindowStream:
 # -------------------------------------------------------------------------------------------------------- scorers
 
 
-def require_static_cache(decode: str, spec: str, cache, decode_weights: str = "model") -> None:
-    """Refuse a static / compiled decode where the spec gives no cache to decode on, and stored decode weights
-    without a static decode (one line)."""
+def require_static_cache(decode: str, spec: str, cache, decode_weights: str = "model",
+                         decode_kv: str = "model") -> None:
+    """Refuse a static / compiled decode where the spec gives no cache to decode on, and stored decode weights or
+    key/value formats without a static decode (one line)."""
     if decode != "eager" and cache is None:
         raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {spec!r}")
-    if decode == "eager" and decode_weights != "model":
-        raise UserError(f"decode_weights={decode_weights!r} is read by the static decoding step: use decode "
-                        f"'static' or 'compiled' with it")
+    for name, value in (("decode_weights", decode_weights), ("decode_kv", decode_kv)):
+        if decode == "eager" and value != "model":
+            raise UserError(f"{name}={value!r} is read by the static decoding step: use decode 'static' or "
+                            f"'compiled' with it")
 
 
 class _Scorer:
@@ -331,17 +333,17 @@ class PatchScorer(_Scorer):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-                 decode: str = "eager", decode_weights: str = "model") -> torch.Tensor:
+                 decode: str = "eager", decode_weights: str = "model", decode_kv: str = "model") -> torch.Tensor:
         """Greedy tokens (T,) after `input_ids` (1, N): `model.generate()` on the method's cache (so it keeps only
         what the method keeps), or the static / compiled Λ decoder (`lengthwise.static_decode`), reading its
-        projection weights as `decode_weights`."""
+        projection weights as `decode_weights` and its keys and values as `decode_kv`."""
         cache = self.handle.new_cache()
         kwargs = cache_kwargs(self.model, cache)
-        require_static_cache(decode, self.spec, cache, decode_weights)
+        require_static_cache(decode, self.spec, cache, decode_weights, decode_kv)
         if decode != "eager":
             logits = self.model(input_ids=input_ids, **kwargs, use_cache=True, logits_to_keep=1).logits[:, -1]
             return greedy_static(self.model, cache, logits, max_new_tokens, eos_token_id,
-                                 compile=decode == "compiled", weights=decode_weights)[0]
+                                 compile=decode == "compiled", weights=decode_weights, kv=decode_kv)[0]
         pad = self.model.config.pad_token_id
         out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                   min_new_tokens=max_new_tokens if eos_token_id is None else 0, do_sample=False,
@@ -391,10 +393,10 @@ class SlidingWindowScorer(_Scorer):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-                 decode: str = "eager", decode_weights: str = "model") -> torch.Tensor:
+                 decode: str = "eager", decode_weights: str = "model", decode_kv: str = "model") -> torch.Tensor:
         """Greedy tokens (T,): every step recomputes the model over the last `window` tokens (no cache); the speed
         users pay to keep a model inside its training length."""
-        require_static_cache(decode, "sliding-window", None, decode_weights)  # no cache: every step recomputes
+        require_static_cache(decode, "sliding-window", None, decode_weights, decode_kv)  # no cache: recomputes
         decoder, tokens = RecomputeDecoder(self.model, self.window), []
         logits = decoder.feed(input_ids[0].tolist())  # (V,)
         while len(tokens) < max_new_tokens:

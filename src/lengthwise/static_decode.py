@@ -18,6 +18,12 @@ architecture (the decoder layers' own modules: norms, projections, rotary embedd
 batch of more than one row, the middle-retrieval options, a layer's own sliding window and StreamingLLM's
 re-indexed positions are refused by name. Never silently wrong: before the first token is returned, the step's
 logits are compared with the eager transformers step on the same cache (`check=True`), and a disagreement raises.
+
+The step reads its projection weights as stored by `weights` (WEIGHT_FORMATS): the model's own, or bfloat16,
+float16 or int8 (one scale per output row) copies of a float32 model's, which a compiled step converts as it reads
+them (half or a quarter of the bytes per token; the arithmetic stays float32). With copies the step computes a
+different model from the one that prefilled the prompt; its check compares it with the model computing with the same
+copies (`projections_as_stored`), and benchmarks/decode_weights.py measures what each format costs in PPL.
 """
 
 from __future__ import annotations
@@ -122,7 +128,7 @@ def static_lambda_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch
     _, heads, _, dim = q.shape
     kv_heads, n_global = keys_t.shape[1], pattern.n_global
     grouped = q.reshape(1, kv_heads, heads // kv_heads, dim)  # query heads beside their kv head: no key copied
-    scores = (grouped @ keys_t).float() * scale  # (1, Hk, H/Hk, S)
+    scores = (grouped.to(keys_t.dtype) @ keys_t).float() * scale  # (1, Hk, H/Hk, S)
     d = position - slot_pos
     filled = slot_pos >= 0
     is_global = filled & (slot_pos < n_global)
@@ -131,12 +137,13 @@ def static_lambda_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch
     if pattern.limit is not None and encoding is not None and n_global:
         limited = (is_global & ~local & (d > pattern.limit))[:n_global]
         q_lim = encoding.move(q, (pattern.limit - position).reshape(1, 1))
-        k_anchor = encoding.move(keys_t[..., :n_global].transpose(-1, -2), -slot_pos[:n_global].clamp(min=0)[None])
+        k_anchor = encoding.move(keys_t[..., :n_global].transpose(-1, -2).to(q.dtype),
+                                 -slot_pos[:n_global].clamp(min=0)[None])
         capped = (q_lim.reshape(grouped.shape) @ k_anchor.transpose(-1, -2)).float() * scale  # (1, Hk, H/Hk, G)
         scores = torch.cat([torch.where(limited, capped, scores[..., :n_global]), scores[..., n_global:]], dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # the query always sees its own key: no empty row
-    return (probs.to(values.dtype) @ values).reshape(1, heads, 1, values.shape[-1])
+    return (probs.to(values.dtype) @ values).to(q.dtype).reshape(1, heads, 1, values.shape[-1])
 
 
 # The projections of a decoder layer, in the order `_layer_step` unpacks their stored weights.
@@ -144,16 +151,21 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.up_proj", "mlp.down_proj")
 # How the step stores the weights it reads (`stored_weight`); "model": the model's own.
 WEIGHT_FORMATS = ("model", "bfloat16", "float16", "int8")
+# How the static buffers hold the keys and values ("model": the model's type). float16 is not offered: the 2-core
+# CPU of docs/speed.md has no float16 arithmetic, and torch's float16 product there is slower than float32.
+KV_FORMATS = ("model", "bfloat16")
 
 
-def check_weights(model, weights: str) -> None:
-    """Refuse a weight format the step does not store for this model (one line)."""
+def check_weights(model, weights: str, kv: str = "model") -> None:
+    """Refuse a weight or key/value format the step does not store for this model (one line)."""
     if weights not in WEIGHT_FORMATS:
         raise StaticDecodeUnsupported(f"decode weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    if kv not in KV_FORMATS:
+        raise StaticDecodeUnsupported(f"decode kv must be one of {', '.join(KV_FORMATS)}, got {kv!r}")
     dtype = next(model.parameters()).dtype
-    if weights != "model" and dtype != torch.float32:
-        raise StaticDecodeUnsupported(f"decode weights {weights!r} store a float32 model's projections; this model "
-                                      f"is {dtype}: load it in float32, or decode with weights 'model'")
+    if (weights != "model" or kv != "model") and dtype != torch.float32:
+        raise StaticDecodeUnsupported(f"decode weights {weights!r} / kv {kv!r} store a float32 model's tensors; this "
+                                      f"model is {dtype}: load it in float32, or decode with 'model'")
 
 
 def stored_weight(linear: torch.nn.Linear, weights: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,8 +260,8 @@ def _layer_step(layer, hidden, keys_t, values, slot_pos, slot, position, cos, si
     k = proj(attention.k_proj, normed, k_w).view(shape).transpose(1, 2)  # (1, Hk, 1, D)
     v = proj(attention.v_proj, normed, v_w).view(shape).transpose(1, 2)
     q, k = apply_rotary(q, k, cos, sin)
-    keys_t.index_copy_(3, slot, k.transpose(-1, -2))
-    values.index_copy_(2, slot, v)
+    keys_t.index_copy_(3, slot, k.transpose(-1, -2).to(keys_t.dtype))
+    values.index_copy_(2, slot, v.to(values.dtype))
     out = static_lambda_attention(q, keys_t[..., :span], values[:, :, :span], slot_pos[:span], position, pattern,
                                   encoding, attention.scaling)
     hidden = hidden + proj(attention.o_proj, out.transpose(1, 2).reshape(1, 1, -1), o_w)
@@ -269,17 +281,20 @@ class StaticDecoder:
     weights it reads (WEIGHT_FORMATS, `stored_weight`): "model" reads the model's own; "bfloat16", "float16" and
     "int8" (a float32 model only) read a copy in that format, made when a cache is loaded, beside the model's
     weights, which stay as they are (the prefill uses them); a different model from its own, so its logits are
-    compared with the model computing with those copies (`projections_as_stored`). check: the first step also runs
+    compared with the model computing with those copies (`projections_as_stored`). kv: how the static buffers hold
+    the keys and values (KV_FORMATS): "model", or "bfloat16" (half the bytes; the products with queries and
+    probabilities run in bfloat16 with float32 scores and softmax, so the check's default tolerance is the one of a
+    half-precision model). check: the first step also runs
     on the eager transformers path over `cache` (which that spends) and must give the same next token and logits
     within `tolerance` (relative to the largest logit), else StaticDecodeMismatch.
     """
 
     def __init__(self, model, cache: LambdaCache | None = None, *, compile: bool = False, check: bool = True,
-                 tolerance: float | None = None, weights: str = "model") -> None:
+                 tolerance: float | None = None, weights: str = "model", kv: str = "model") -> None:
         _check_model(model)
-        check_weights(model, weights)
+        check_weights(model, weights, kv)
         dtype = next(model.parameters()).dtype
-        self.model, self.weights = model, weights
+        self.model, self.weights, self.kv = model, weights, kv
         self.stored: dict | None = None  # module -> stored weight, made by `load`
         self.layers = list(model.model.layers)
         self.states = [_layer_state(layer.self_attn) for layer in self.layers]
@@ -294,7 +309,8 @@ class StaticDecoder:
         self.mode = "compiled" if compile else "static-eager"
         self.spans: list[int] = []  # span_sizes of the slots, set by `load`
         self._run = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
-        self.tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 5e-2)
+        exact = dtype == torch.float32 and kv == "model"
+        self.tolerance = tolerance if tolerance is not None else (1e-3 if exact else 5e-2)
         self.check = check
         self.check_gap: float | None = None
         if cache is not None:
@@ -303,7 +319,7 @@ class StaticDecoder:
     def key(self) -> tuple:
         """What a later patch must match for this decoder (and its compiled step) to serve it."""
         freqs = tuple(None if e is None else (e.style, e.offset, tuple(e.inv_freq.tolist())) for _, e in self.states)
-        return self.pattern, freqs, next(self.model.parameters()).dtype, self.mode, self.weights
+        return self.pattern, freqs, next(self.model.parameters()).dtype, self.mode, self.weights, self.kv
 
     def load(self, cache: LambdaCache) -> StaticDecoder:
         """Copy the keys the next query can see (global ones and the last n_local) of a prefill's cache into the
@@ -341,10 +357,11 @@ class StaticDecoder:
                 self.slot_pos.index_copy_(0, slot, pos)
             k, v = layer.keys[:, :, keep], layer.values[:, :, keep]  # (1, Hk, kept, D)
             if fresh:
-                self.keys.append(k.new_zeros(1, k.shape[1], k.shape[-1], slots))  # transposed: (1, Hk, D, S)
-                self.values.append(v.new_zeros(1, v.shape[1], slots, v.shape[-1]))
-            self.keys[index].zero_().index_copy_(3, slot, k.transpose(-1, -2))
-            self.values[index].zero_().index_copy_(2, slot, v)
+                held = k.dtype if self.kv == "model" else getattr(torch, self.kv)
+                self.keys.append(k.new_zeros(1, k.shape[1], k.shape[-1], slots, dtype=held))  # (1, Hk, D, S)
+                self.values.append(v.new_zeros(1, v.shape[1], slots, v.shape[-1], dtype=held))
+            self.keys[index].zero_().index_copy_(3, slot, k.transpose(-1, -2).to(self.keys[index].dtype))
+            self.values[index].zero_().index_copy_(2, slot, v.to(self.values[index].dtype))
         self._store()
         self.seen, self.cache, self._check = seen, cache, self.check
         return self
@@ -430,10 +447,11 @@ class StaticDecoder:
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {decoder key: StaticDecoder}
 
 
-def decoder_for(model, cache: LambdaCache, compile: bool = False, weights: str = "model") -> StaticDecoder:
+def decoder_for(model, cache: LambdaCache, compile: bool = False, weights: str = "model",
+                kv: str = "model") -> StaticDecoder:
     """A StaticDecoder loaded with `cache`: the one made before for this model and an equal patch (same pattern,
-    frequencies, dtype, mode and weight format) when there is one, so that its compiled step is compiled once."""
-    made = StaticDecoder(model, compile=compile, weights=weights)
+    frequencies, dtype, mode, weight and kv formats) when there is one, so that its compiled step is compiled once."""
+    made = StaticDecoder(model, compile=compile, weights=weights, kv=kv)
     kept = _DECODERS.setdefault(model, {})
     return kept.setdefault(made.key(), made).load(cache)  # an equal key: the states now in force equal its own
 
@@ -441,11 +459,11 @@ def decoder_for(model, cache: LambdaCache, compile: bool = False, weights: str =
 @torch.no_grad()
 def greedy_static(model, cache: LambdaCache, first_logits: torch.Tensor, max_new_tokens: int,
                   eos_token_id: int | None = None, compile: bool = False,
-                  weights: str = "model") -> tuple[torch.Tensor, str]:
+                  weights: str = "model", kv: str = "model") -> tuple[torch.Tensor, str]:
     """Greedy tokens (T,) after a prefill whose last logits are `first_logits` (1, V), decoded on a static cache
-    whose step reads the projection weights stored as `weights` (`StaticDecoder`); and the mode that ran
-    ("compiled" or "static-eager")."""
-    check_weights(model, weights)
+    whose step reads the projection weights stored as `weights` and the keys and values held as `kv`
+    (`StaticDecoder`); and the mode that ran ("compiled" or "static-eager")."""
+    check_weights(model, weights, kv)
     if max_new_tokens < 1:
         return first_logits.new_zeros(0, dtype=torch.long), "static-eager"
     token = first_logits.argmax(-1, keepdim=True)  # (1, 1)
@@ -454,7 +472,7 @@ def greedy_static(model, cache: LambdaCache, first_logits: torch.Tensor, max_new
     for _ in range(max_new_tokens - 1):
         if eos_token_id is not None and int(token) == eos_token_id:
             break
-        decoder = decoder or decoder_for(model, cache, compile=compile, weights=weights)
+        decoder = decoder or decoder_for(model, cache, compile=compile, weights=weights, kv=kv)
         token = decoder.step(token).argmax(-1, keepdim=True)
         tokens.append(token)
     return torch.cat(tokens, dim=1)[0], (decoder.mode if decoder else "static-eager")

@@ -25,7 +25,7 @@ from lengthwise.eval.results import ResultsFile
 from lengthwise.eval.speed import bench, build_llama
 from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib
 from lengthwise.report.tasks import plot_gen_quality, plot_passkey_heatmap, task_tables
-from lengthwise.static_decode import WEIGHT_FORMATS
+from lengthwise.static_decode import KV_FORMATS, WEIGHT_FORMATS
 
 console = Console()
 
@@ -184,6 +184,8 @@ def bench_command(
     decode_weights: str = typer.Option("model", help="with --decode static or compiled: how the step stores the "
                                        "projection weights it reads: 'model' (the model's own), or 'bfloat16', "
                                        "'float16', 'int8' (per-row scales) copies of a float32 model's"),
+    decode_kv: str = typer.Option("model", help="with --decode static or compiled: how the static buffers hold the "
+                                  "keys and values: 'model' (the model's type) or 'bfloat16' (a float32 model)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     no_wait: NoWaitOption = False,
 ) -> None:
@@ -201,9 +203,12 @@ def bench_command(
     if decode_weights not in WEIGHT_FORMATS:
         raise typer.BadParameter(f"--decode-weights must be one of {', '.join(WEIGHT_FORMATS)}, got "
                                  f"{decode_weights!r}")
-    if decode_weights != "model" and (decode == "eager" or dtype != "float32"):
-        raise typer.BadParameter(f"--decode-weights {decode_weights} stores a float32 model's weights for the static "
-                                 f"step: use it with --decode static or compiled and --dtype float32")
+    if decode_kv not in KV_FORMATS:
+        raise typer.BadParameter(f"--decode-kv must be one of {', '.join(KV_FORMATS)}, got {decode_kv!r}")
+    for option, value in (("--decode-weights", decode_weights), ("--decode-kv", decode_kv)):
+        if value != "model" and (decode == "eager" or dtype != "float32"):
+            raise typer.BadParameter(f"{option} {value} stores a float32 model's tensors for the static step: use it "
+                                     f"with --decode static or compiled and --dtype float32")
     check_results(out, "bench", wait=not no_wait)
     if threads:
         torch.set_num_threads(threads)
@@ -220,6 +225,6 @@ def bench_command(
     _checked(check_memory, lm, length_list, method, limit_bytes=gib(memory_limit_gib), device=device, logits=1)
     records = bench(lm, length_list, method, decode_steps=decode_steps, seed=seed,
                     results=ResultsFile(out, wait=not no_wait), model_name=model_name, progress=not quiet,
-                    decode=decode, decode_weights=decode_weights)
+                    decode=decode, decode_weights=decode_weights, decode_kv=decode_kv)
     _print_tables(records)
     console.print(f"results: {out}")

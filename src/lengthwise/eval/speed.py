@@ -142,14 +142,15 @@ def cache_bytes(cache) -> int | None:
 
 @torch.no_grad()
 def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_length: int,
-             chunk_size: int | None = None, decode: str = "eager", decode_weights: str = "model") -> dict:
+             chunk_size: int | None = None, decode: str = "eager", decode_weights: str = "model",
+             decode_kv: str = "model") -> dict:
     """Prefill `ids` (1, n) and decode `decode_steps` tokens under `spec`; seconds and cache bytes. `chunk_size`:
     prefill that many tokens per forward call through the cache (None: one call), as long prompts are fed.
     decode: "eager" (the model's forward on the method's cache), "static" or "compiled" (lm-infinite on a Llama
     model: `lengthwise.static_decode`; two untimed steps first, the first of them compiles and is checked against
     the eager step; the mode that ran is returned as `decode_mode`); decode_weights: how that step stores the
     projection weights it reads (`lengthwise.static_decode.WEIGHT_FORMATS`), their bytes returned as
-    `weight_bytes`)."""
+    `weight_bytes`), decode_kv: how it holds the keys and values (`KV_FORMATS`)."""
     device = ids.device
     with open_scorer(model, spec) as scorer:
         decoder = scorer.decoder()  # the method's cache (else a DynamicCache), or the sliding window's recomputation
@@ -163,9 +164,10 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
 
         prefill, logits = _timed(prefill_chunks, device)
         extra, advance = {"decode_mode": "eager"}, (lambda token: decoder.feed(token[0])[None])
-        require_static_cache(decode, spec, decoder.cache, decode_weights)
+        require_static_cache(decode, spec, decoder.cache, decode_weights, decode_kv)
         if decode != "eager":
-            static = decoder_for(model, decoder.cache, compile=decode == "compiled", weights=decode_weights)
+            static = decoder_for(model, decoder.cache, compile=decode == "compiled", weights=decode_weights,
+                                 kv=decode_kv)
             advance = static.step  # every later token on the static cache
             warm = []
             for _ in range(2):  # the first compiles (when asked) and runs the eager check
@@ -195,21 +197,22 @@ def bench(
     progress: bool = True,
     decode: str = "eager",
     decode_weights: str = "model",
+    decode_kv: str = "model",
 ) -> list[dict]:
     """Prefill latency, per-token decode latency and peak memory for every (method, length) cell, one run each.
 
     Every method is first run once on a short prompt (warm-up: allocator, kernel choice, patch set-up). `{s}` in a
     spec becomes length / L_pretrain. Cells already in `results` are skipped. decode: see `run_cell` ("static" and
     "compiled" apply to methods with a bounded Λ cache; the others decode eagerly, and each record says which;
-    decode_weights applies to those static cells only).
+    decode_weights and decode_kv apply to those static cells only).
     """
     check_specs(methods)
     check_lengths(lengths, 2, "bench length")
     if decode_steps < 1:
         raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
-    if decode_weights != "model":
-        check_weights(model, decode_weights)
-        require_static_cache(decode, "bench", True, decode_weights)
+    if decode_weights != "model" or decode_kv != "model":
+        check_weights(model, decode_weights, decode_kv)
+        require_static_cache(decode, "bench", True, decode_weights, decode_kv)
     results = results or ResultsFile(None)
     info = model_info(model)
     param = next(model.parameters())
@@ -223,11 +226,12 @@ def bench(
         task = bar.add_task("bench", total=len(cells))
         for method, n in cells:
             cell_decode = decode if method.split(":")[0] == "lm-infinite" else "eager"
-            cell_weights = decode_weights if cell_decode != "eager" else "model"
+            cell_weights, cell_kv = (decode_weights, decode_kv) if cell_decode != "eager" else ("model", "model")
             key = cell_key("bench", model=model_name, method=method, length=n, decode_steps=decode_steps,
                            device=str(device), dtype=str(param.dtype), seed=seed,
                            **({} if cell_decode == "eager" else {"decode": cell_decode}),
-                           **({} if cell_weights == "model" else {"decode_weights": cell_weights}))
+                           **({} if cell_weights == "model" else {"decode_weights": cell_weights}),
+                           **({} if cell_kv == "model" else {"decode_kv": cell_kv}))
             done = results.done(key)
             if done:
                 records.append(done)
@@ -241,7 +245,7 @@ def bench(
                 warmed.add(method)
             with PeakMemory(device) as peak:
                 out = run_cell(model, prompt[:, :n], spec, decode_steps, info.pretrain_length, decode=cell_decode,
-                               decode_weights=cell_weights)
+                               decode_weights=cell_weights, decode_kv=cell_kv)
             estimate = estimate_memory(model, n, spec, logits=1)
             metrics = {
                 "prefill_s": round(out["prefill_s"], 5),
@@ -258,6 +262,7 @@ def bench(
                                  data="random-ids", seed=seed, metrics=metrics, length=n, method_resolved=spec,
                                  decode_steps=decode_steps, decode_s=[round(t, 6) for t in out["decode_s"]],
                                  decode=cell_decode, decode_mode=out["decode_mode"], decode_weights=cell_weights,
+                                 decode_kv=cell_kv,
                                  decode_weight_bytes=out.get("weight_bytes"),
                                  decode_warmup_s=out.get("warmup_steps_s"),
                                  decode_check_gap=out.get("check_gap"),

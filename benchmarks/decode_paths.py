@@ -7,7 +7,7 @@ Per context n: one prefill of n random tokens through the method's bounded cache
 the same decode work, without the minutes of a long prefill), then
 `--turns` rounds of `--steps` greedy-shaped steps on each path in turn: "eager" (the model's forward on the bounded
 cache), "static" (`lengthwise.static_decode`, eager) and "compiled" (the same step through torch.compile), the
-last two reading the projection weights as `--weights` stores them. Each path
+last two reading the projection weights as `--weights` stores them and holding the keys and values as `--kv`. Each path
 continues from the same prefill on its own copy of the state; alternating the paths within each round lets them see
 the same load on a shared machine. Reported per path: the median and the minimum of all its timed steps (the
 minimum is the least disturbed by other processes), and the first static steps (compilation, the eager check).
@@ -29,7 +29,7 @@ import torch
 
 from lengthwise.api import load_model, patch
 from lengthwise.models.compat import cache_kwargs
-from lengthwise.static_decode import WEIGHT_FORMATS, StaticDecoder
+from lengthwise.static_decode import KV_FORMATS, WEIGHT_FORMATS, StaticDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,8 @@ def measure(model, n: int, args, decoders: dict) -> dict:
         for name in ("static", "compiled"):
             decoder = decoders.get(name)
             if decoder is None:
-                decoder = decoders[name] = StaticDecoder(model, compile=name == "compiled", weights=args.weights)
+                decoder = decoders[name] = StaticDecoder(model, compile=name == "compiled", weights=args.weights,
+                                                           kv=args.kv)
             decoder.load(cache)  # copied before the eager path's steps move the cache on
             start = time.perf_counter()
             decoder.step(token)  # checked against the eager step (which spends `cache`: refill below)
@@ -113,7 +114,7 @@ def measure(model, n: int, args, decoders: dict) -> dict:
                     start = time.perf_counter()
                     step()
                     times[name].append(time.perf_counter() - start)
-    row = {"length": n, "fill": args.fill, "weights": args.weights, "prefill_s": round(prefill, 2),
+    row = {"length": n, "fill": args.fill, "weights": args.weights, "kv": args.kv, "prefill_s": round(prefill, 2),
            "eager_work_calls": work[0],
            "eager_work_elements": work[1],
            "first_step_s": warm, "compiled_mode": decoders["compiled"].mode}
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="model",
                         help="how the static and compiled steps store the projection weights (the eager path: the "
                         "model's own)")
+    parser.add_argument("--kv", choices=KV_FORMATS, default="model",
+                        help="how the static and compiled steps hold the keys and values")
     parser.add_argument("--out", default=str(ROOT / "docs/results/decode_paths.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -172,9 +172,9 @@ def stored_weight(linear: torch.nn.Linear, weights: str) -> tuple[torch.Tensor, 
     """The weight (N, K) a projection of the step reads, and its scale per output row (N,) or None.
     "model": the layer's own weight; "bfloat16" / "float16": a copy in that type, multiplied in the model's type
     (half the bytes to read); "int8": symmetric round-to-nearest, one scale per output row (max |w| / 127)."""
-    weight = linear.weight.detach()
     if weights == "model":
-        return weight, None
+        return linear.weight, None  # itself: the eager step then calls the module
+    weight = linear.weight.detach()
     if weights in ("bfloat16", "float16"):
         return weight.to(getattr(torch, weights)), None
     scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(weight.dtype).tiny) / 127  # (N,)

@@ -245,7 +245,8 @@ def plot(records: list[dict], path: Path) -> None:
     left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms/token (dotted: bandwidth floor)")
     right.set(xscale="log", yscale="log", xlabel="prompt (tokens)", ylabel="prefill tokens/s")
     left.legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M, {records[0]['threads']} threads, {records[0]['date']} (shared machine)", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M, {records[0]['threads']} threads, {records[0]['date']} (load: see the records)",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

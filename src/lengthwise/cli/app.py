@@ -12,6 +12,8 @@ from lengthwise.eval.tasks import resolve_spec
 from lengthwise.models.families import config_encoding
 from lengthwise.models.real import REAL_MODELS
 from lengthwise.registry import check_combination, get_entry, parse_method_spec, spec_names
+from lengthwise.scoring import DECODE_PATHS
+from lengthwise.static_decode import KV_FORMATS, WEIGHT_FORMATS
 
 app = typer.Typer(
     help="lengthwise: run pretrained causal LMs far beyond their training context, and measure how well it works.",
@@ -82,6 +84,27 @@ DEVICE_HELP = "cpu | cuda | cuda:N | mps | auto (device_map='auto' through accel
 DTYPE_HELP = "float32 | bfloat16 | float16 (weights and activations); checked on the device before the model loads"
 DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 DtypeOption = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
+
+
+DecodeWeightsOption = Annotated[str, typer.Option(
+    help="with --decode static or compiled: how the step stores the projection weights it reads: 'model' (the "
+    "model's own), or 'bfloat16', 'float16', 'int8' (per-row scales) copies of a float32 model's")]
+DecodeKvOption = Annotated[str, typer.Option(
+    help="with --decode static or compiled: how the static buffers hold the keys and values: 'model' (the model's "
+    "type) or 'bfloat16' (a float32 model)")]
+
+
+def check_decode(decode: str, decode_weights: str, decode_kv: str, dtype: str) -> None:
+    """Refuse, before anything loads, a decode path or a stored format that does not exist or does not apply."""
+    if decode not in DECODE_PATHS:
+        raise typer.BadParameter(f"--decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
+    for option, value, accepted in (("--decode-weights", decode_weights, WEIGHT_FORMATS),
+                                    ("--decode-kv", decode_kv, KV_FORMATS)):
+        if value not in accepted:
+            raise typer.BadParameter(f"{option} must be one of {', '.join(accepted)}, got {value!r}")
+        if value != "model" and (decode == "eager" or dtype != "float32"):
+            raise typer.BadParameter(f"{option} {value} stores a float32 model's tensors for the static step: use it "
+                                     f"with --decode static or compiled and --dtype float32")
 
 
 def check_device_dtype(device: str, dtype: str, ray: str | None = None) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from lengthwise.api import load_model
-from lengthwise.cli.app import (DeviceOption, DtypeOption, METHODS_HELP, MODEL_HELP, app, check_device_dtype,
-                                check_methods)
+from lengthwise.cli.app import (DecodeKvOption, DecodeWeightsOption, DeviceOption, DtypeOption, METHODS_HELP,
+                                MODEL_HELP, app, check_decode, check_device_dtype, check_methods)
 from lengthwise.cli.outputs import check_out_dir
 from lengthwise.cli.temp_lora import build_config, check_window_method
 from lengthwise.generation import generate
@@ -35,6 +35,11 @@ def generate_command(
     temp_lora_save: Path = typer.Option(None, help="Temp-LoRA: save the adapter (peft format) to this folder"),
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
+    decode: str = typer.Option("eager", help="'eager' (model.generate()), or for -m lm-infinite on a Llama model "
+                               "'static' / 'compiled' (a static Λ cache, its step through torch.compile; the first "
+                               "step is checked against the eager one)"),
+    decode_weights: DecodeWeightsOption = "model",
+    decode_kv: DecodeKvOption = "model",
 ) -> None:
     """Greedy generation after a prompt, with the model patched by METHOD (optionally with a Temp-LoRA)."""
     import torch  # noqa: PLC0415
@@ -43,6 +48,9 @@ def generate_command(
         raise typer.BadParameter("give exactly one of --prompt or --prompt-file")
     check_methods([method])
     check_device_dtype(device, dtype)
+    check_decode(decode, decode_weights, decode_kv, dtype)
+    if temp_lora and decode != "eager":
+        raise typer.BadParameter("--temp-lora decodes with its own session: leave --decode eager")
     if not temp_lora and temp_lora_save is not None:
         raise typer.BadParameter("--temp-lora-save needs --temp-lora")
     check_out_dir(temp_lora_save, "--temp-lora-save")
@@ -71,5 +79,6 @@ def generate_command(
                 typer.echo(f"adapter saved to {session.save_adapter(temp_lora_save)}", err=True)
         typer.echo(tokenizer.decode(new.tolist()))
         return
-    new = generate(lm, torch.tensor([ids]), method, max_new_tokens)
+    new = generate(lm, torch.tensor([ids]), method, max_new_tokens, decode=decode, decode_weights=decode_weights,
+                   decode_kv=decode_kv)
     typer.echo(tokenizer.decode(new.tolist()))

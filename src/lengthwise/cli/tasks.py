@@ -14,8 +14,8 @@ from rich.console import Console
 
 from lengthwise import distributed
 from lengthwise.api import load_model, resolve_dtype
-from lengthwise.cli.app import (DeviceOption, DtypeOption, METHODS_HELP, MODEL_HELP, app, check_device_dtype,
-                                check_methods_fit)
+from lengthwise.cli.app import (DecodeKvOption, DecodeWeightsOption, DeviceOption, DtypeOption, METHODS_HELP,
+                                MODEL_HELP, app, check_decode, check_device_dtype, check_methods_fit)
 from lengthwise.cli.outputs import NoWaitOption, check_out_file, check_results
 from lengthwise.data.corpus import load_corpus
 from lengthwise.eval.cells import RayPool
@@ -25,7 +25,6 @@ from lengthwise.eval.results import ResultsFile
 from lengthwise.eval.speed import bench, build_llama
 from lengthwise.eval.tasks import check_lengths, check_memory, check_specs, gib
 from lengthwise.report.tasks import plot_gen_quality, plot_passkey_heatmap, task_tables
-from lengthwise.static_decode import KV_FORMATS, WEIGHT_FORMATS
 
 console = Console()
 
@@ -181,11 +180,8 @@ def bench_command(
                                "static step through torch.compile; eager where compilation fails, as the record "
                                "says); the first static step is checked against the eager one"),
     compile: bool = typer.Option(False, "--compile", help="the same as --decode compiled"),
-    decode_weights: str = typer.Option("model", help="with --decode static or compiled: how the step stores the "
-                                       "projection weights it reads: 'model' (the model's own), or 'bfloat16', "
-                                       "'float16', 'int8' (per-row scales) copies of a float32 model's"),
-    decode_kv: str = typer.Option("model", help="with --decode static or compiled: how the static buffers hold the "
-                                  "keys and values: 'model' (the model's type) or 'bfloat16' (a float32 model)"),
+    decode_weights: DecodeWeightsOption = "model",
+    decode_kv: DecodeKvOption = "model",
     quiet: bool = typer.Option(False, help="no progress bar"),
     no_wait: NoWaitOption = False,
 ) -> None:
@@ -198,17 +194,7 @@ def bench_command(
     length_list = _checked(check_lengths, _parse_numbers(lengths, "lengths"), 2, "bench length")
     _checked(check_specs, method)
     decode = "compiled" if compile else decode
-    if decode not in ("eager", "static", "compiled"):
-        raise typer.BadParameter(f"--decode must be eager, static or compiled, got {decode!r}")
-    if decode_weights not in WEIGHT_FORMATS:
-        raise typer.BadParameter(f"--decode-weights must be one of {', '.join(WEIGHT_FORMATS)}, got "
-                                 f"{decode_weights!r}")
-    if decode_kv not in KV_FORMATS:
-        raise typer.BadParameter(f"--decode-kv must be one of {', '.join(KV_FORMATS)}, got {decode_kv!r}")
-    for option, value in (("--decode-weights", decode_weights), ("--decode-kv", decode_kv)):
-        if value != "model" and (decode == "eager" or dtype != "float32"):
-            raise typer.BadParameter(f"{option} {value} stores a float32 model's tensors for the static step: use it "
-                                     f"with --decode static or compiled and --dtype float32")
+    check_decode(decode, decode_weights, decode_kv, dtype)
     check_results(out, "bench", wait=not no_wait)
     if threads:
         torch.set_num_threads(threads)

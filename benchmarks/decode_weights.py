@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from lengthwise import api
+from lengthwise.api import load_model, patch
 from lengthwise.data.corpus import documents_of_length, load_corpus
 from lengthwise.eval.results import ResultsFile, cell_key, make_record
 from lengthwise.eval.speed import bench
-from lengthwise.scoring import open_scorer
-from lengthwise.api import patch
 from lengthwise.models.compat import cache_kwargs
+from lengthwise.scoring import open_scorer
 from lengthwise.static_decode import KV_FORMATS, WEIGHT_FORMATS, StaticDecoder, projections_as_stored
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,18 +103,19 @@ def main() -> None:
         parser.error(f"--depths takes comma-separated integers, got {args.depths!r}")
     torch.set_num_threads(args.threads)
     results = ResultsFile(args.out)
-    model, tokenizer = api.load_model(args.model)
+    model, tokenizer = load_model(args.model)
     bandwidth = copy_bandwidth(args.threads)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
-    ids = None
-    if args.ppl_length:
-        docs = documents_of_length(load_corpus(args.data), tokenizer, args.ppl_length, max_docs=1)
-        ids = torch.as_tensor(docs.docs[0][1])
-    decode_ids = None
-    if args.decode_tokens:
-        docs = documents_of_length(load_corpus(args.data), tokenizer, args.decode_prefix + args.decode_tokens + 1,
-                                   max_docs=1)
-        decode_ids = torch.as_tensor(docs.docs[0][1])
+    corpus = load_corpus(args.data)
+
+    def first_document(length: int) -> torch.Tensor | None:
+        """The first document of `length` tokens or more, truncated to it (None for length 0)."""
+        if not length:
+            return None
+        return torch.as_tensor(documents_of_length(corpus, tokenizer, length, max_docs=1).docs[0][1])
+
+    ids = first_document(args.ppl_length)
+    decode_ids = first_document(args.decode_prefix + args.decode_tokens + 1 if args.decode_tokens else 0)
     rows = []
     for weights in formats:
         if ids is not None:

@@ -286,16 +286,21 @@ class WindowStream:
 # -------------------------------------------------------------------------------------------------------- scorers
 
 
-def require_static_cache(decode: str, spec: str, cache, decode_weights: str = "model",
-                         decode_kv: str = "model") -> None:
-    """Refuse a static / compiled decode where the spec gives no cache to decode on, and stored decode weights or
-    key/value formats without a static decode (one line)."""
-    if decode != "eager" and cache is None:
-        raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {spec!r}")
+def require_static_decode(decode: str, decode_weights: str = "model", decode_kv: str = "model") -> None:
+    """Refuse stored decode weights or key/value formats without a static / compiled decode (one line)."""
     for name, value in (("decode_weights", decode_weights), ("decode_kv", decode_kv)):
         if decode == "eager" and value != "model":
             raise UserError(f"{name}={value!r} is read by the static decoding step: use decode 'static' or "
                             f"'compiled' with it")
+
+
+def require_static_cache(decode: str, spec: str, cache, decode_weights: str = "model",
+                         decode_kv: str = "model") -> None:
+    """Refuse a static / compiled decode where the spec gives no cache to decode on, and the stored formats without
+    one (`require_static_decode`)."""
+    if decode != "eager" and cache is None:
+        raise UserError(f"decode={decode!r} runs on the bounded cache of lm-infinite, not on {spec!r}")
+    require_static_decode(decode, decode_weights, decode_kv)
 
 
 class _Scorer:

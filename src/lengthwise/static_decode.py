@@ -284,9 +284,9 @@ class StaticDecoder:
     compared with the model computing with those copies (`projections_as_stored`). kv: how the static buffers hold
     the keys and values (KV_FORMATS): "model", or "bfloat16" (half the bytes; the products with queries and
     probabilities run in bfloat16 with float32 scores and softmax, so the check's default tolerance is the one of a
-    half-precision model). check: the first step also runs
-    on the eager transformers path over `cache` (which that spends) and must give the same next token and logits
-    within `tolerance` (relative to the largest logit), else StaticDecodeMismatch.
+    half-precision model). check: the first step also runs on the eager transformers path over `cache` (which that
+    spends) and must give the same next token and logits within `tolerance` (relative to the largest logit), else
+    StaticDecodeMismatch.
     """
 
     def __init__(self, model, cache: LambdaCache | None = None, *, compile: bool = False, check: bool = True,

@@ -24,7 +24,7 @@ from lengthwise.eval.tasks import check_lengths, check_specs, estimate_memory, r
 from lengthwise.models.families import model_info
 from lengthwise.progress import progress_bar
 from lengthwise.registry import config_options, get_entry, parse_method_spec
-from lengthwise.scoring import open_scorer, require_static_cache
+from lengthwise.scoring import open_scorer, require_static_cache, require_static_decode
 from lengthwise.static_decode import check_weights, decoder_for
 
 WARMUP_TOKENS = 32
@@ -149,8 +149,8 @@ def run_cell(model, ids: torch.Tensor, spec: str, decode_steps: int, pretrain_le
     decode: "eager" (the model's forward on the method's cache), "static" or "compiled" (lm-infinite on a Llama
     model: `lengthwise.static_decode`; two untimed steps first, the first of them compiles and is checked against
     the eager step; the mode that ran is returned as `decode_mode`); decode_weights: how that step stores the
-    projection weights it reads (`lengthwise.static_decode.WEIGHT_FORMATS`), their bytes returned as
-    `weight_bytes`), decode_kv: how it holds the keys and values (`KV_FORMATS`)."""
+    projection weights it reads (`lengthwise.static_decode.WEIGHT_FORMATS`; their bytes returned as
+    `weight_bytes`); decode_kv: how it holds the keys and values (`KV_FORMATS`)."""
     device = ids.device
     with open_scorer(model, spec) as scorer:
         decoder = scorer.decoder()  # the method's cache (else a DynamicCache), or the sliding window's recomputation
@@ -210,9 +210,8 @@ def bench(
     check_lengths(lengths, 2, "bench length")
     if decode_steps < 1:
         raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
-    if decode_weights != "model" or decode_kv != "model":
-        check_weights(model, decode_weights, decode_kv)
-        require_static_cache(decode, "bench", True, decode_weights, decode_kv)
+    check_weights(model, decode_weights, decode_kv)  # before any cell runs
+    require_static_decode(decode, decode_weights, decode_kv)
     results = results or ResultsFile(None)
     info = model_info(model)
     param = next(model.parameters())
